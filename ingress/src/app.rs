@@ -1,0 +1,155 @@
+//! Building and running the ingress. `App::build` binds the listener itself so tests
+//! start the real app on port 0 and read the port back. Shutdown order matters: stop
+//! accepting, drain requests in flight (each still gets its confirm), and only then
+//! close the broker connection.
+
+use crate::metrics::IngressMetrics;
+use crate::routes::{self, State};
+use b24_shared::amqp::Publisher;
+use b24_shared::config::IngressConfig;
+use b24_shared::form::FormLimits;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+pub struct App {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: Arc<State>,
+    config: IngressConfig,
+    publisher_stop: watch::Sender<bool>,
+}
+
+impl App {
+    pub async fn build(config: IngressConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(config.addr).await?;
+        let local_addr = listener.local_addr()?;
+        let (publisher_stop, stop_rx) = watch::channel(false);
+        let publisher = Publisher::start(
+            config.amqp.clone(),
+            config.confirm_timeout,
+            &format!("b24-ingress/{}", config.amqp.prefix),
+            stop_rx,
+        );
+        let state = Arc::new(State {
+            publisher,
+            metrics: IngressMetrics::default(),
+            limits: FormLimits::default(),
+            body_limit: config.body_limit,
+        });
+        Ok(Self {
+            listener,
+            local_addr,
+            state,
+            config,
+            publisher_stop,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn metrics(&self) -> IngressMetrics {
+        self.state.metrics.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains within the configured grace.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
+        let Self {
+            listener,
+            state,
+            config,
+            publisher_stop,
+            ..
+        } = self;
+        let graceful = GracefulShutdown::new();
+        let slots = Arc::new(Semaphore::new(config.max_connections));
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .keep_alive(true);
+        tokio::pin!(shutdown);
+
+        loop {
+            // Taking a slot before accepting bounds open connections; the rest wait in
+            // the kernel's backlog instead of costing memory here.
+            let permit = tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                () = &mut shutdown => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let gauge = state.metrics.open_connections.clone();
+            let shared = state.clone();
+            let service = service_fn(move |req| {
+                let state = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(routes::handle(&state, req).await) }
+            });
+            let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                gauge.inc();
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                gauge.dec();
+                drop(permit);
+            });
+        }
+
+        drop(listener);
+        tracing::info!("shutting down: draining requests in flight");
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("all connections drained"),
+            () = tokio::time::sleep(config.shutdown_grace) => {
+                tracing::warn!(grace = ?config.shutdown_grace, "grace period over; dropping connections");
+            }
+        }
+        let _ = publisher_stop.send(true);
+        state.publisher.close().await;
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,53 @@
+//! The ingress's own Prometheus registry.
+
+use b24_shared::metrics::{counter_vec, histogram_vec, latency_buckets, register};
+use prometheus::{HistogramVec, IntCounterVec, IntGauge, Registry};
+
+#[derive(Clone)]
+pub struct IngressMetrics {
+    pub registry: Registry,
+    /// By route (`events`, `placement`, `install`, `healthz`, …) and HTTP status.
+    pub requests: IntCounterVec,
+    /// Time from publish to the broker's confirm, by outcome.
+    pub publish_confirm: HistogramVec,
+    /// Refused requests by reason (`form`, `missing_field`, `too_large`, `unavailable`…).
+    pub rejections: IntCounterVec,
+    pub in_flight: IntGauge,
+    pub open_connections: IntGauge,
+}
+
+impl Default for IngressMetrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        Self {
+            requests: counter_vec(
+                &registry,
+                "b24_ingress_requests_total",
+                "HTTP requests answered, by route and status",
+                &["route", "status"],
+            ),
+            publish_confirm: histogram_vec(
+                &registry,
+                "b24_ingress_publish_confirm_seconds",
+                "Time from publishing a message to the broker's confirm",
+                &["outcome"],
+                latency_buckets(),
+            ),
+            rejections: counter_vec(
+                &registry,
+                "b24_ingress_rejections_total",
+                "Requests refused without publishing, by reason",
+                &["reason"],
+            ),
+            in_flight: register(
+                &registry,
+                IntGauge::new("b24_ingress_requests_in_flight", "Requests being handled"),
+            ),
+            open_connections: register(
+                &registry,
+                IntGauge::new("b24_ingress_open_connections", "Open client connections"),
+            ),
+            registry,
+        }
+    }
+}

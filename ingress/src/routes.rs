@@ -1,0 +1,275 @@
+//! Request handling. The rule every branch keeps: 200 only after the broker confirmed;
+//! anything refused is refused before publishing, with a one-line reason.
+
+use crate::html;
+use crate::metrics::IngressMetrics;
+use b24_shared::amqp::{PublishError, Publisher};
+use b24_shared::event::{decode_body, InboundError, InboundEvent, InstallCall, PlacementCall};
+use b24_shared::form::FormLimits;
+use b24_shared::{Envelope, EnvelopeKind};
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use lapin::types::FieldTable;
+use std::time::Instant;
+
+pub struct State {
+    pub publisher: Publisher,
+    pub metrics: IngressMetrics,
+    pub limits: FormLimits,
+    pub body_limit: usize,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+/// Seconds a client is told to wait after a 503.
+const RETRY_AFTER_SECS: &str = "5";
+
+pub async fn handle(state: &State, req: Request<Incoming>) -> Resp {
+    let m = &state.metrics;
+    m.in_flight.inc();
+    let route = route_name(req.uri().path());
+    let resp = match (req.method(), route) {
+        (&Method::POST, "events" | "placement" | "install") => accept(state, route, req).await,
+        (&Method::GET | &Method::HEAD, "healthz") => text(StatusCode::OK, "ok"),
+        (&Method::GET | &Method::HEAD, "readyz") => {
+            if state.publisher.is_connected() {
+                text(StatusCode::OK, "ready")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "broker is not connected")
+            }
+        }
+        (&Method::GET, "metrics") => {
+            let (content_type, body) = b24_shared::metrics::render(&m.registry);
+            with_type(Response::new(Full::from(body)), &content_type)
+        }
+        (_, "events" | "placement" | "install") => {
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed: use POST",
+            );
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST"));
+            r
+        }
+        (_, "healthz" | "readyz" | "metrics") => {
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed: use GET",
+            );
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found"),
+    };
+    m.requests
+        .with_label_values(&[route, resp.status().as_str()])
+        .inc();
+    m.in_flight.dec();
+    resp
+}
+
+fn route_name(path: &str) -> &'static str {
+    match path.trim_end_matches('/') {
+        "/events" => "events",
+        "/placement" => "placement",
+        "/install" => "install",
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        "/metrics" => "metrics",
+        _ => "other",
+    }
+}
+
+async fn accept(state: &State, route: &'static str, req: Request<Incoming>) -> Resp {
+    let reject = |status: StatusCode, reason: &'static str, msg: String| {
+        state.metrics.rejections.with_label_values(&[reason]).inc();
+        text(status, &msg)
+    };
+
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.body_limit as u64) {
+        return reject(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body too large: at most {} bytes", state.body_limit),
+        );
+    }
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not ASCII)").to_string());
+    let query = req.uri().query().map(str::to_string);
+    let body = match Limited::new(req.into_body(), state.body_limit)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("body too large: at most {} bytes", state.body_limit),
+            );
+        }
+        Err(_) => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                "body_read",
+                "request body could not be read".into(),
+            );
+        }
+    };
+
+    let parsed = decode_body(
+        content_type.as_deref(),
+        &body,
+        query.as_deref(),
+        &state.limits,
+    )
+    .and_then(|value| parse(route, value));
+    let (envelope, page) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            let status = if e.is_unsupported_media_type() {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return reject(status, e.reason(), e.to_string());
+        }
+    };
+
+    let started = Instant::now();
+    let result = state
+        .publisher
+        .publish(
+            &envelope.routing_key(),
+            &envelope.to_json(),
+            &envelope.id.to_string(),
+            FieldTable::default(),
+        )
+        .await;
+    let outcome = match &result {
+        Ok(()) => "confirmed",
+        Err(e) => e.reason(),
+    };
+    state
+        .metrics
+        .publish_confirm
+        .with_label_values(&[outcome])
+        .observe(started.elapsed().as_secs_f64());
+
+    match result {
+        Ok(()) => {
+            tracing::debug!(id = %envelope.id, event = %envelope.event, member_id = ?envelope.member_id.as_ref().map(|m| m.as_str()), "queued");
+            match page {
+                Some(html) => {
+                    with_type(Response::new(Full::from(html)), "text/html; charset=utf-8")
+                }
+                None => with_type(
+                    Response::new(Full::from(format!("{{\"id\":\"{}\"}}\n", envelope.id))),
+                    "application/json",
+                ),
+            }
+        }
+        Err(e) => unavailable(state, &e),
+    }
+}
+
+fn unavailable(state: &State, e: &PublishError) -> Resp {
+    state
+        .metrics
+        .rejections
+        .with_label_values(&["unavailable"])
+        .inc();
+    tracing::warn!(error = %e, "event not durable; answering 503");
+    let mut r = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("event could not be made durable: {e}"),
+    );
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+    r
+}
+
+/// Parses the decoded body for its route: the envelope to publish and, for the
+/// browser-facing routes, the page to answer with.
+fn parse(
+    route: &str,
+    value: serde_json::Value,
+) -> Result<(Envelope, Option<String>), InboundError> {
+    match route {
+        "events" => {
+            let e = InboundEvent::parse(&value)?;
+            let domain = e.auth.domain.clone();
+            Ok((
+                Envelope::new(
+                    EnvelopeKind::Event,
+                    e.event.as_str().to_string(),
+                    e.auth.member_id,
+                    domain,
+                    value,
+                ),
+                None,
+            ))
+        }
+        "placement" => {
+            let p = PlacementCall::parse(&value)?;
+            let page = html::placement_page(
+                p.lang.as_deref().unwrap_or("en"),
+                p.placement.as_str(),
+                p.crm_item_id().ok(),
+                &p.domain,
+            );
+            Ok((
+                Envelope::new(
+                    EnvelopeKind::Placement,
+                    p.placement.as_str().to_string(),
+                    Some(p.member_id),
+                    Some(p.domain),
+                    value,
+                ),
+                Some(page),
+            ))
+        }
+        _ => {
+            let i = InstallCall::parse(&value)?;
+            let page = html::install_page(i.lang.as_deref().unwrap_or("en"), &i.domain);
+            Ok((
+                Envelope::new(
+                    EnvelopeKind::Install,
+                    "INSTALL".to_string(),
+                    Some(i.member_id),
+                    Some(i.domain),
+                    value,
+                ),
+                Some(page),
+            ))
+        }
+    }
+}
+
+fn text(status: StatusCode, msg: &str) -> Resp {
+    let mut r = Response::new(Full::from(format!("{msg}\n")));
+    *r.status_mut() = status;
+    with_type(r, "text/plain; charset=utf-8")
+}
+
+fn with_type(mut r: Resp, content_type: &str) -> Resp {
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(CONTENT_TYPE, v);
+    }
+    r.headers_mut().insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}

@@ -1,0 +1,18 @@
+//! Library shared by the b24-pipeline binaries: the message that crosses the broker
+//! ([`envelope`]), how Bitrix24 bodies are read ([`form`], [`event`]), configuration,
+//! AMQP topology and confirmed publishing, the Bitrix24 REST client ([`bitrix`]),
+//! PostgreSQL access and migrations ([`db`]), and metrics.
+
+pub mod amqp;
+pub mod bitrix;
+pub mod config;
+pub mod db;
+pub mod envelope;
+pub mod event;
+pub mod form;
+pub mod metrics;
+pub mod secret;
+pub mod telemetry;
+
+pub use envelope::{Envelope, EnvelopeKind};
+pub use secret::Secret;

@@ -1,0 +1,46 @@
+//! The payloads from the Bitrix24 documentation pages the product was made from
+//! (`tests/fixtures/`), exactly as documented.
+
+use serde_json::Value;
+
+fn load(name: &str) -> Value {
+    let path = format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+pub fn deal_recurring_expose() -> Value {
+    load("deal_recurring_expose.json")
+}
+
+pub fn requisite_add() -> Value {
+    load("requisite_add.json")
+}
+
+pub fn app_payment() -> Value {
+    load("app_payment.json")
+}
+
+/// The seven widget calls of the CRM detail-activity placement page.
+pub fn placements() -> Vec<Value> {
+    match load("placements.json") {
+        Value::Array(a) => a,
+        other => panic!("placements.json is not an array: {other}"),
+    }
+}
+
+pub fn install() -> Value {
+    load("install.json")
+}
+
+/// Every seed event with the route it is POSTed to.
+pub fn all_seeds() -> Vec<(&'static str, Value)> {
+    let mut all = vec![
+        ("/events", deal_recurring_expose()),
+        ("/events", requisite_add()),
+        ("/events", app_payment()),
+        ("/install", install()),
+    ];
+    all.extend(placements().into_iter().map(|p| ("/placement", p)));
+    all
+}

@@ -1,0 +1,129 @@
+//! Starts the real ingress in-process, on port 0, under a fresh `AMQP_PREFIX`, so
+//! every test has its own exchange and queues and tests run in parallel.
+
+use crate::http::HttpClient;
+use b24_ingress::App;
+use b24_shared::amqp::Topology;
+use b24_shared::config::IngressConfig;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub fn unique_prefix(tag: &str) -> String {
+    format!("t-{tag}-{}", uuid::Uuid::now_v7().simple())
+}
+
+pub struct TestIngress {
+    pub addr: SocketAddr,
+    pub prefix: String,
+    pub topology: Topology,
+    pub http: HttpClient,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestIngress {
+    /// Starts an ingress with default settings but for `overrides` (env names).
+    pub async fn spawn(tag: &str, overrides: &[(&str, &str)]) -> Self {
+        let prefix = unique_prefix(tag);
+        let mut env: HashMap<String, String> = HashMap::from([
+            ("AMQP_PREFIX".into(), prefix.clone()),
+            ("INGRESS_ADDR".into(), "127.0.0.1:0".into()),
+            ("AMQP_URL".into(), crate::broker::amqp_url()),
+        ]);
+        env.extend(
+            overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let config = IngressConfig::from_lookup(&|k| env.get(k).cloned()).expect("test config");
+        let app = App::build(config).await.expect("ingress binds");
+        let addr = app.local_addr();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        let ingress = Self {
+            addr,
+            topology: Topology::new(prefix.clone()),
+            prefix,
+            http: HttpClient::new(addr),
+            stop: Some(stop),
+            task: Some(task),
+        };
+        ingress.wait_ready(Duration::from_secs(15)).await;
+        ingress
+    }
+
+    pub async fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(a) = self.http.get("/readyz").await {
+                if a.status.is_success() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ingress not ready within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Triggers the same shutdown SIGTERM triggers and waits until the app returns.
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    pub fn stop_handle(&mut self) -> Option<oneshot::Sender<()>> {
+        self.stop.take()
+    }
+
+    pub async fn join(&mut self) {
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    pub async fn work_messages(&self) -> Vec<b24_shared::Envelope> {
+        crate::broker::drain(&self.topology.work_queue())
+            .await
+            .expect("drain work queue")
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http.get("/metrics").await.expect("metrics").body
+    }
+
+    /// Stops the app and removes its queues.
+    pub async fn finish(mut self) {
+        self.shutdown().await;
+        let _ = crate::broker::delete_topology(&self.prefix).await;
+    }
+}
+
+/// Polls `check` until it returns `Some` or the deadline passes.
+pub async fn eventually<T, F, Fut>(within: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
