@@ -123,6 +123,10 @@ pub struct WorkerConfig {
     pub batch_max: usize,
     /// How long the worker waits for more events of a portal to fill a batch.
     pub batch_window: Duration,
+    /// Attempts of one REST call (with backoff) before the message is requeued with delay.
+    pub retry_attempts: u32,
+    /// Time one REST call may spend in backoff before the message is requeued with delay.
+    pub retry_max_elapsed: Duration,
 }
 
 impl WorkerConfig {
@@ -184,6 +188,8 @@ impl WorkerConfig {
             shutdown_grace: millis(env, "WORKER_SHUTDOWN_GRACE_MS", "30000")?,
             batch_max,
             batch_window: millis(env, "WORKER_BATCH_WINDOW_MS", "50")?,
+            retry_attempts: parse(env, "B24_RETRY_ATTEMPTS", "6", "a count")?,
+            retry_max_elapsed: millis(env, "B24_RETRY_MAX_ELAPSED_MS", "30000")?,
         })
     }
 }

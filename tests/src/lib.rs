@@ -7,5 +7,6 @@ pub mod broker;
 pub mod fixtures;
 pub mod http;
 pub mod phpform;
+pub mod pipeline;
 pub mod portal;
 pub mod spawn;

@@ -1,7 +1,10 @@
-//! Integration tests: the real ingress, in-process, against the real RabbitMQ; each
-//! test under its own AMQP_PREFIX.
+//! Integration tests: the real ingress and worker, in-process, against the real
+//! RabbitMQ and PostgreSQL and a simulated Bitrix24 portal; each test under its own
+//! AMQP_PREFIX and database.
 
 mod ingress_broker_outage;
 mod ingress_rejects;
 mod ingress_seeds;
 mod ingress_shutdown;
+mod worker_failures;
+mod worker_seeds;

@@ -1,0 +1,327 @@
+//! The whole pipeline in one test: the real ingress and worker apps in-process, a
+//! fresh PostgreSQL database, a fresh AMQP_PREFIX, and a simulated portal.
+
+use crate::http::FORM;
+use crate::phpform::http_build_query;
+use crate::portal::{PortalConfig, SimPortal};
+use crate::spawn::{eventually, TestIngress};
+use b24_shared::config::WorkerConfig;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio_postgres::NoTls;
+
+pub const SEED_MEMBER: &str = "a223c6b3710f85df22e9377d6c4f7553";
+pub const SEED_DOMAIN: &str = "some-domain.bitrix24.com";
+pub const SEED_APP_TOKEN: &str = "51856fefc120afa4b628cc82d3935cce";
+
+pub fn pg_base() -> String {
+    std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// A database of its own for one test, dropped at the end.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// Only names the database: the worker creates it (as it does in production).
+    pub fn new(tag: &str) -> Self {
+        let name = format!("t_{tag}_{}", uuid::Uuid::now_v7().simple());
+        Self {
+            url: format!("{}/{name}", pg_base()),
+            name,
+        }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, NoTls)
+            .await
+            .expect("test database reachable");
+        tokio::spawn(conn);
+        client
+    }
+
+    pub async fn drop_db(&self) {
+        if let Ok((client, conn)) =
+            tokio_postgres::connect(&format!("{}/postgres", pg_base()), NoTls).await
+        {
+            tokio::spawn(conn);
+            let _ = client
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                    self.name
+                ))
+                .await;
+        }
+    }
+}
+
+/// A worker app on a runtime of its own, so that killing it really stops every task
+/// it had, mid-call, like a crashed process.
+pub struct TestWorker {
+    pub metrics_addr: SocketAddr,
+    control: Option<std::sync::mpsc::Sender<Stop>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum Stop {
+    Graceful,
+    Kill,
+}
+
+impl TestWorker {
+    fn spawn(config: WorkerConfig) -> Self {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (control, control_rx) = std::sync::mpsc::channel::<Stop>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("worker runtime");
+            let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            let app = match rt.block_on(b24_worker::App::build(config)) {
+                Ok(app) => app,
+                Err(e) => {
+                    let _ = addr_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = addr_tx.send(Ok(app.metrics_addr()));
+            let run = rt.spawn(app.run_until_stopped(async {
+                let _ = stop_rx.await;
+            }));
+            match control_rx.recv() {
+                Ok(Stop::Graceful) | Err(_) => {
+                    let _ = stop_tx.send(());
+                    let _ = rt.block_on(run);
+                }
+                // Dropping the runtime cancels every task at its next await: calls in
+                // flight never finish, sockets close, the broker requeues.
+                Ok(Stop::Kill) => rt.shutdown_background(),
+            }
+        });
+        let metrics_addr = addr_rx
+            .recv()
+            .expect("worker thread reports")
+            .expect("worker builds");
+        Self {
+            metrics_addr,
+            control: Some(control),
+            thread: Some(thread),
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        self.end(Stop::Graceful).await;
+    }
+
+    /// A crash: the worker stops dead, mid-message.
+    pub async fn kill(&mut self) {
+        self.end(Stop::Kill).await;
+    }
+
+    async fn end(&mut self, how: Stop) {
+        if let Some(c) = self.control.take() {
+            let _ = c.send(how);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+pub struct Pipeline {
+    pub ingress: TestIngress,
+    pub db: TestDb,
+    pub portal: SimPortal,
+    pub workers: Vec<TestWorker>,
+    worker_env: HashMap<String, String>,
+}
+
+impl Pipeline {
+    /// Starts the ingress, a portal whose member_id and domain are the seeds', and
+    /// `workers` worker instances.
+    pub async fn start(tag: &str, workers: usize, overrides: &[(&str, &str)]) -> Self {
+        Self::start_with(
+            tag,
+            workers,
+            PortalConfig {
+                member_id: SEED_MEMBER.into(),
+                domain: SEED_DOMAIN.into(),
+                ..PortalConfig::default()
+            },
+            overrides,
+        )
+        .await
+    }
+
+    pub async fn start_with(
+        tag: &str,
+        workers: usize,
+        portal: PortalConfig,
+        overrides: &[(&str, &str)],
+    ) -> Self {
+        let ingress = TestIngress::spawn(tag, &[]).await;
+        let portal = SimPortal::start(portal).await;
+        let db = TestDb::new(tag);
+        let mut env: HashMap<String, String> = HashMap::from([
+            ("AMQP_PREFIX".into(), ingress.prefix.clone()),
+            ("AMQP_URL".into(), crate::broker::amqp_url()),
+            ("DATABASE_URL".into(), db.url.clone()),
+            ("WORKER_METRICS_ADDR".into(), "127.0.0.1:0".into()),
+            ("PUBLIC_URL".into(), format!("http://{}", ingress.addr)),
+            ("B24_CLIENT_ID".into(), portal.client_id()),
+            ("B24_CLIENT_SECRET".into(), portal.client_secret()),
+            ("B24_OAUTH_URL".into(), portal.oauth_url()),
+            ("B24_ALLOWED_HOSTS".into(), "http://127.0.0.1:*".into()),
+            ("WORKER_SHUTDOWN_GRACE_MS".into(), "5000".into()),
+        ]);
+        env.extend(
+            overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let mut p = Self {
+            ingress,
+            db,
+            portal,
+            workers: Vec::new(),
+            worker_env: env,
+        };
+        for _ in 0..workers {
+            p.add_worker().await;
+        }
+        p
+    }
+
+    pub async fn add_worker(&mut self) {
+        let env = self.worker_env.clone();
+        let config = WorkerConfig::from_lookup(&|k| env.get(k).cloned()).expect("worker config");
+        let worker = tokio::task::spawn_blocking(move || TestWorker::spawn(config))
+            .await
+            .expect("worker thread starts");
+        self.workers.push(worker);
+    }
+
+    /// Posts an event to the ingress, form-encoded as Bitrix24 does; asserts the 200.
+    pub async fn post(&self, path: &str, payload: &Value) {
+        let a = self
+            .ingress
+            .http
+            .post(path, Some(FORM), http_build_query(payload))
+            .await
+            .expect("ingress answers");
+        assert_eq!(a.status, 200, "{path}: {}", a.body);
+    }
+
+    /// The ONAPPINSTALL event Bitrix24 would send for this portal.
+    pub fn install_event(&self, member_id: &str, domain: &str) -> Value {
+        let (access, refresh) = self.portal.issue_tokens();
+        json!({
+            "event": "ONAPPINSTALL",
+            "data": {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"},
+            "ts": "1741092400",
+            "auth": {
+                "access_token": access,
+                "expires_in": "3600",
+                "scope": "crm",
+                "domain": domain,
+                "server_endpoint": self.portal.oauth_url(),
+                "status": "L",
+                "client_endpoint": self.portal.client_endpoint(),
+                "member_id": member_id,
+                "refresh_token": refresh,
+                "application_token": SEED_APP_TOKEN,
+            }
+        })
+    }
+
+    /// Installs the portal through the pipeline itself and waits until it is stored.
+    pub async fn install(&self, member_id: &str, domain: &str) {
+        self.post("/events", &self.install_event(member_id, domain))
+            .await;
+        let db = self.db_client().await;
+        let ok = eventually(Duration::from_secs(30), || async {
+            let row = db
+                .query_opt(
+                    "SELECT 1 FROM portals p JOIN events e ON e.member_id = p.member_id
+                      WHERE p.member_id = $1 AND p.status = 'installed'
+                        AND e.event = 'ONAPPINSTALL' AND e.status = 'done'",
+                    &[&member_id],
+                )
+                .await
+                .ok()??;
+            Some(row)
+        })
+        .await;
+        assert!(ok.is_some(), "portal {member_id} installed within 30 s");
+    }
+
+    pub async fn install_seed_portal(&self) {
+        self.install(SEED_MEMBER, SEED_DOMAIN).await;
+    }
+
+    /// A client of the test database, once the worker has created it.
+    pub async fn db_client(&self) -> tokio_postgres::Client {
+        let ready = eventually(Duration::from_secs(20), || async {
+            tokio_postgres::connect(&self.db.url, NoTls).await.ok()
+        })
+        .await;
+        let (client, conn) = ready.expect("test database exists");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// Waits until `n` events with this code reached `status`.
+    pub async fn wait_events(&self, event: &str, status: &str, n: i64, within: Duration) -> bool {
+        let db = self.db_client().await;
+        eventually(within, || async {
+            let row = db
+                .query_one(
+                    "SELECT count(*) FROM events WHERE event = $1 AND status = $2",
+                    &[&event, &status],
+                )
+                .await
+                .ok()?;
+            (row.get::<_, i64>(0) >= n).then_some(())
+        })
+        .await
+        .is_some()
+    }
+
+    pub async fn entity(&self, member_id: &str, kind: &str, id: &str) -> Option<Value> {
+        let db = self.db_client().await;
+        db.query_opt(
+            "SELECT data FROM entities WHERE member_id = $1 AND kind = $2 AND entity_id = $3",
+            &[&member_id, &kind, &id],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get(0))
+    }
+
+    /// REST calls the portal saw for `method` (lower case), batch commands included.
+    pub fn calls_of(&self, method: &str) -> Vec<crate::portal::Call> {
+        self.portal
+            .calls()
+            .into_iter()
+            .filter(|c| c.method == method)
+            .collect()
+    }
+
+    pub async fn finish(mut self) {
+        for w in &mut self.workers {
+            w.stop().await;
+        }
+        let prefix = self.ingress.prefix.clone();
+        self.ingress.finish().await;
+        let _ = crate::broker::delete_topology(&prefix).await;
+        self.db.drop_db().await;
+    }
+}

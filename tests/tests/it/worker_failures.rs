@@ -1,0 +1,321 @@
+use b24_shared::config::AmqpConfig;
+use b24_tests::fixtures;
+use b24_tests::pipeline::{Pipeline, SEED_MEMBER};
+use b24_tests::portal::CallKind;
+use b24_tests::spawn::eventually;
+use serde_json::json;
+use std::time::Duration;
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+fn amqp(p: &Pipeline) -> AmqpConfig {
+    let prefix = p.ingress.prefix.clone();
+    let url = b24_tests::broker::amqp_url();
+    AmqpConfig::from_lookup(&move |k| match k {
+        "AMQP_PREFIX" => Some(prefix.clone()),
+        "AMQP_URL" => Some(url.clone()),
+        _ => None,
+    })
+    .unwrap()
+}
+
+fn rest_calls(p: &Pipeline) -> usize {
+    p.portal
+        .calls()
+        .iter()
+        .filter(|c| c.kind != CallKind::OAuth)
+        .count()
+}
+
+async fn event_row(p: &Pipeline, event: &str) -> (String, Option<String>, Option<String>) {
+    let row = p
+        .db_client()
+        .await
+        .query_one(
+            "SELECT status, error_code, last_error FROM events WHERE event = $1
+              ORDER BY id DESC LIMIT 1",
+            &[&event],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[tokio::test]
+async fn forged_application_token_is_dead_lettered_without_a_rest_call() {
+    let p = Pipeline::start("w-forged", 1, &[]).await;
+    p.install_seed_portal().await;
+    p.portal.clear_calls();
+    let mut forged = fixtures::requisite_add();
+    forged["auth"]["application_token"] = json!("00000000000000000000000000000000");
+    p.post("/events", &forged).await;
+    assert!(p.wait_events("ONCRMREQUISITEADD", "dead", 1, WITHIN).await);
+    let (_, code, _) = event_row(&p, "ONCRMREQUISITEADD").await;
+    assert_eq!(code.as_deref(), Some("APPLICATION_TOKEN_MISMATCH"));
+    assert_eq!(rest_calls(&p), 0, "no REST call for a forged event");
+    let dead = b24_worker::dlq::peek(&amqp(&p), 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["error_code"], "APPLICATION_TOKEN_MISMATCH");
+    let text = dead[0].to_string();
+    assert!(
+        !text.contains("s6p6eclrvim6da22ft9ch94ekreb52lv"),
+        "tokens redacted: {text}"
+    );
+    p.finish().await;
+}
+
+#[tokio::test]
+async fn unknown_portal_is_dead_lettered_and_replay_returns_it_to_work() {
+    let p = Pipeline::start("w-unknown", 1, &[]).await;
+    p.post("/events", &fixtures::requisite_add()).await;
+    assert!(p.wait_events("ONCRMREQUISITEADD", "dead", 1, WITHIN).await);
+    let (_, code, _) = event_row(&p, "ONCRMREQUISITEADD").await;
+    assert_eq!(code.as_deref(), Some("UNKNOWN_PORTAL"));
+    assert_eq!(rest_calls(&p), 0);
+
+    // The operator installs the portal, then replays the dead letter.
+    p.install_seed_portal().await;
+    let moved = b24_worker::dlq::replay(&amqp(&p), 100).await.unwrap();
+    assert_eq!(moved, 1);
+    assert!(p.wait_events("ONCRMREQUISITEADD", "done", 1, WITHIN).await);
+    assert!(p.entity(SEED_MEMBER, "requisite", "27").await.is_some());
+    assert!(b24_worker::dlq::peek(&amqp(&p), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    p.finish().await;
+}
+
+#[tokio::test]
+async fn malformed_envelope_is_dead_lettered_with_its_reason() {
+    let p = Pipeline::start("w-malformed", 1, &[]).await;
+    let conn = b24_tests::broker::connect().await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.basic_publish(
+        p.ingress.topology.exchange().as_str().into(),
+        "event.garbage".into(),
+        Default::default(),
+        b"{\"not\": \"an envelope\"",
+        Default::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let dead = eventually(WITHIN, || async {
+        let d = b24_worker::dlq::peek(&amqp(&p), 10).await.ok()?;
+        (!d.is_empty()).then_some(d)
+    })
+    .await
+    .expect("dead-lettered");
+    assert_eq!(dead[0]["error_code"], "MALFORMED_ENVELOPE");
+    assert!(dead[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("envelope is not valid"));
+    let (status, code, _) = event_row(&p, "UNKNOWN").await;
+    assert_eq!(
+        (status.as_str(), code.as_deref()),
+        ("dead", Some("MALFORMED_ENVELOPE"))
+    );
+    p.finish().await;
+}
+
+#[tokio::test]
+async fn a_500_is_retried_and_then_succeeds() {
+    let p = Pipeline::start("w-500", 1, &[]).await;
+    p.install_seed_portal().await;
+    p.portal.fail_next(2, 500, "INTERNAL_SERVER_ERROR");
+    p.post("/events", &fixtures::requisite_add()).await;
+    assert!(p.wait_events("ONCRMREQUISITEADD", "done", 1, WITHIN).await);
+    let calls = p.calls_of("crm.requisite.get");
+    assert_eq!(calls.len(), 3, "two 500s, then success");
+    assert_eq!(calls[0].status, 500);
+    assert_eq!(calls[2].status, 200);
+    p.finish().await;
+}
+
+#[tokio::test]
+async fn persistent_500s_go_through_the_delay_queue_and_then_succeed() {
+    // One attempt per delivery: the first delivery fails and waits in the 5 s queue.
+    let p = Pipeline::start("w-delay", 1, &[("B24_RETRY_ATTEMPTS", "1")]).await;
+    p.install_seed_portal().await;
+    p.portal.fail_next(1, 500, "INTERNAL_SERVER_ERROR");
+    p.post("/events", &fixtures::requisite_add()).await;
+    assert!(
+        p.wait_events("ONCRMREQUISITEADD", "retrying", 1, WITHIN)
+            .await
+    );
+    assert!(p.wait_events("ONCRMREQUISITEADD", "done", 1, WITHIN).await);
+    let row = p
+        .db_client()
+        .await
+        .query_one(
+            "SELECT attempts FROM events WHERE event = 'ONCRMREQUISITEADD'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+    p.finish().await;
+}
+
+#[tokio::test]
+async fn a_permanent_error_is_dead_lettered_with_its_code() {
+    let p = Pipeline::start("w-perm", 1, &[]).await;
+    p.install_seed_portal().await;
+    p.portal.fail_next(1, 403, "ACCESS_DENIED");
+    p.post("/events", &fixtures::requisite_add()).await;
+    assert!(p.wait_events("ONCRMREQUISITEADD", "dead", 1, WITHIN).await);
+    let (_, code, reason) = event_row(&p, "ONCRMREQUISITEADD").await;
+    assert_eq!(code.as_deref(), Some("ACCESS_DENIED"));
+    assert!(reason.unwrap().contains("403"));
+    assert_eq!(p.calls_of("crm.requisite.get").len(), 1, "not retried");
+    p.finish().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_event_is_processed_once() {
+    let p = Pipeline::start("w-dup", 1, &[]).await;
+    p.install_seed_portal().await;
+    p.post("/events", &fixtures::deal_recurring_expose()).await;
+    assert!(
+        p.wait_events("ONCRMDEALRECURRINGEXPOSE", "done", 1, WITHIN)
+            .await
+    );
+    p.post("/events", &fixtures::deal_recurring_expose()).await;
+    let m = eventually(WITHIN, || async {
+        let m = reqwest_metrics(&p).await?;
+        m.contains(
+            r#"b24_worker_messages_total{event="ONCRMDEALRECURRINGEXPOSE",outcome="duplicate"} 1"#,
+        )
+        .then_some(())
+    })
+    .await;
+    assert!(m.is_some(), "second delivery counted as duplicate");
+    assert_eq!(p.calls_of("crm.deal.get").len(), 1);
+    let n: i64 = p
+        .db_client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM events WHERE event = 'ONCRMDEALRECURRINGEXPOSE'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    p.finish().await;
+}
+
+async fn reqwest_metrics(p: &Pipeline) -> Option<String> {
+    let http = b24_tests::http::HttpClient::new(p.workers[0].metrics_addr);
+    Some(http.get("/metrics").await.ok()?.body)
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_message_causes_redelivery_but_no_duplicate_rows() {
+    let mut p = Pipeline::start("w-kill", 1, &[]).await;
+    p.install_seed_portal().await;
+    p.portal.set_delay(Duration::from_millis(1500));
+    p.post("/events", &fixtures::deal_recurring_expose()).await;
+    // Wait until the worker is inside the first REST call, then kill it.
+    let inside = eventually(WITHIN, || async {
+        let db = p.db_client().await;
+        let row = db
+            .query_opt(
+                "SELECT 1 FROM events WHERE event = 'ONCRMDEALRECURRINGEXPOSE' AND status = 'processing'",
+                &[],
+            )
+            .await
+            .ok()??;
+        Some(row)
+    })
+    .await;
+    assert!(inside.is_some());
+    p.workers[0].kill().await;
+    p.portal.set_delay(Duration::ZERO);
+    p.add_worker().await;
+    assert!(
+        p.wait_events("ONCRMDEALRECURRINGEXPOSE", "done", 1, WITHIN)
+            .await
+    );
+    let db = p.db_client().await;
+    let events: i64 = db
+        .query_one(
+            "SELECT count(*) FROM events WHERE event = 'ONCRMDEALRECURRINGEXPOSE'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let entities: i64 = db
+        .query_one(
+            "SELECT count(*) FROM entities WHERE kind IN ('deal', 'deal_recurring')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((events, entities), (1, 2));
+    let attempts: i32 = db
+        .query_one(
+            "SELECT attempts FROM events WHERE event = 'ONCRMDEALRECURRINGEXPOSE'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(attempts >= 2, "redelivered: {attempts} attempts");
+    p.finish().await;
+}
+
+#[tokio::test]
+async fn uninstall_marks_the_portal_and_erases_its_tokens() {
+    let p = Pipeline::start("w-uninstall", 1, &[]).await;
+    p.install_seed_portal().await;
+    let uninstall = json!({
+        "event": "ONAPPUNINSTALL",
+        "data": {"LANGUAGE_ID": "en", "CLEAN": "0"},
+        "ts": "1741092999",
+        "auth": {"domain": "some-domain.bitrix24.com", "member_id": SEED_MEMBER,
+                 "application_token": "51856fefc120afa4b628cc82d3935cce"}
+    });
+    p.post("/events", &uninstall).await;
+    assert!(p.wait_events("ONAPPUNINSTALL", "done", 1, WITHIN).await);
+    let row = p
+        .db_client()
+        .await
+        .query_one(
+            "SELECT status, access_token, refresh_token FROM portals WHERE member_id = $1",
+            &[&SEED_MEMBER],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "uninstalled");
+    assert_eq!(row.get::<_, Option<String>>(1), None);
+    assert_eq!(row.get::<_, Option<String>>(2), None);
+    // Events after that are refused without calling Bitrix24.
+    p.portal.clear_calls();
+    p.post("/events", &fixtures::requisite_add()).await;
+    assert!(p.wait_events("ONCRMREQUISITEADD", "dead", 1, WITHIN).await);
+    assert_eq!(rest_calls(&p), 0);
+    p.finish().await;
+}
+
+#[tokio::test]
+async fn an_unhandled_event_is_recorded_and_acked() {
+    let p = Pipeline::start("w-other", 1, &[]).await;
+    p.install_seed_portal().await;
+    let mut other = fixtures::requisite_add();
+    other["event"] = json!("ONCRMCONTACTADD");
+    p.post("/events", &other).await;
+    assert!(p.wait_events("ONCRMCONTACTADD", "ignored", 1, WITHIN).await);
+    let m = reqwest_metrics(&p).await.unwrap();
+    assert!(
+        m.contains(r#"b24_worker_messages_total{event="other_event",outcome="ignored"} 1"#),
+        "{m}"
+    );
+    p.finish().await;
+}

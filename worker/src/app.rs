@@ -1,0 +1,223 @@
+//! Building and running the worker: database (created and migrated), Bitrix24 client,
+//! broker connections, the metrics endpoint, and the consume loop. Shutdown stops
+//! consuming first, lets deliveries in hand finish within the grace period, then
+//! closes; anything unfinished stays unacked and the broker redelivers it.
+
+use crate::consumer::{handle_delivery, Ctx};
+use crate::metrics::WorkerMetrics;
+use crate::store::Store;
+use b24_shared::amqp::{connect, Publisher, Topology};
+use b24_shared::bitrix::limiter::Limiter;
+use b24_shared::bitrix::oauth::OAuthApp;
+use b24_shared::bitrix::retry::RetryPolicy;
+use b24_shared::bitrix::{Bitrix, RestClient};
+use b24_shared::config::WorkerConfig;
+use b24_shared::db;
+use futures_util::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub struct App {
+    config: WorkerConfig,
+    ctx: Arc<Ctx>,
+    metrics_listener: TcpListener,
+    metrics_addr: SocketAddr,
+    publisher_stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl App {
+    pub async fn build(config: WorkerConfig) -> anyhow::Result<Self> {
+        db::create_database_if_missing(&config.database_url).await?;
+        let pool = db::pool(
+            &config.database_url,
+            usize::from(config.prefetch).clamp(4, 32),
+        )?;
+        db::migrate(&pool).await?;
+
+        let metrics = WorkerMetrics::default();
+        let rest = RestClient::new(
+            config.allowed_hosts.clone(),
+            config.http_timeout,
+            metrics.b24.clone(),
+        );
+        let oauth = match (&config.client_id, &config.client_secret) {
+            (Some(id), Some(secret)) => Some(OAuthApp {
+                url: url::Url::parse(&config.oauth_url)
+                    .map_err(|_| anyhow::anyhow!("B24_OAUTH_URL is not a valid URL"))?,
+                client_id: id.clone(),
+                client_secret: secret.clone(),
+            }),
+            _ => {
+                tracing::warn!(
+                    "B24_CLIENT_ID/B24_CLIENT_SECRET unset: expired tokens cannot be refreshed"
+                );
+                None
+            }
+        };
+        let limiter = Limiter::new(pool.clone(), config.rate_per_sec, config.rate_burst);
+        let policy = RetryPolicy {
+            max_attempts: config.retry_attempts.max(1),
+            max_elapsed: config.retry_max_elapsed,
+            ..RetryPolicy::default()
+        };
+        let bitrix = Bitrix::new(rest, pool.clone(), limiter, oauth, policy);
+
+        let (publisher_stop, stop_rx) = tokio::sync::watch::channel(false);
+        let publisher = Publisher::start(
+            config.amqp.clone(),
+            Duration::from_secs(10),
+            &format!("b24-worker-publisher/{}", config.amqp.prefix),
+            stop_rx,
+        );
+        let metrics_listener = TcpListener::bind(config.metrics_addr).await?;
+        let metrics_addr = metrics_listener.local_addr()?;
+        let ctx = Arc::new(Ctx {
+            store: Store::new(pool),
+            bitrix,
+            publisher,
+            topology: Topology::new(config.amqp.prefix.clone()),
+            metrics,
+            public_url: config.public_url.clone(),
+        });
+        Ok(Self {
+            config,
+            ctx,
+            metrics_listener,
+            metrics_addr,
+            publisher_stop,
+        })
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let stop = CancellationToken::new();
+        let ready = Arc::new(AtomicBool::new(false));
+        let http = tokio::spawn(crate::http::serve(
+            self.metrics_listener,
+            self.ctx.metrics.clone(),
+            ready.clone(),
+            stop.clone(),
+        ));
+        let tracker = TaskTracker::new();
+        let trigger = stop.clone();
+        let signal = tokio::spawn(async move {
+            shutdown.await;
+            trigger.cancel();
+        });
+        let conn = consume(&self.config, self.ctx.clone(), &tracker, &ready, &stop).await;
+        signal.abort();
+        ready.store(false, Ordering::Relaxed);
+        tracker.close();
+        tracing::info!(
+            in_flight = tracker.len(),
+            "shutting down: finishing deliveries in hand"
+        );
+        if tokio::time::timeout(self.config.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over; unfinished deliveries will be redelivered");
+        }
+        if let Some(conn) = conn {
+            let _ = conn.close(200, "shutting down".into()).await;
+        }
+        let _ = self.publisher_stop.send(true);
+        self.ctx.publisher.close().await;
+        let _ = http.await;
+    }
+}
+
+/// Consumes until `stop`, reconnecting whenever the broker goes away. Returns the
+/// live connection, which deliveries in hand still need to ack on.
+async fn consume(
+    config: &WorkerConfig,
+    ctx: Arc<Ctx>,
+    tracker: &TaskTracker,
+    ready: &AtomicBool,
+    stop: &CancellationToken,
+) -> Option<lapin::Connection> {
+    let mut delay = Duration::from_millis(200);
+    let name = format!("b24-worker/{}", config.amqp.prefix);
+    while !stop.is_cancelled() {
+        let session = async {
+            let conn = connect(&config.amqp, &name).await?;
+            let channel = conn.create_channel().await?;
+            ctx.topology.declare(&channel).await?;
+            channel
+                .basic_qos(config.prefetch, BasicQosOptions::default())
+                .await?;
+            let consumer = channel
+                .basic_consume(
+                    ctx.topology.work_queue().as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((conn, channel, consumer))
+        };
+        let (conn, channel, mut consumer) = match session.await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot consume from the broker");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.cancelled() => return None,
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        delay = Duration::from_millis(200);
+        ready.store(true, Ordering::Relaxed);
+        tracing::info!(queue = %ctx.topology.work_queue(), prefetch = config.prefetch, "consuming");
+        loop {
+            let next = tokio::select! {
+                n = consumer.next() => n,
+                () = stop.cancelled() => {
+                    let tag = consumer.tag();
+                    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    // Deliveries already handed out finish on this channel, so the
+                    // connection stays open until they are done (see run).
+                    return Some(conn);
+                }
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    tracker.spawn(handle_delivery(ctx.clone(), delivery));
+                }
+                Some(Err(e)) => {
+                    ready.store(false, Ordering::Relaxed);
+                    match channel.wait_for_recovery(e).await {
+                        Ok(()) => {
+                            ready.store(true, Ordering::Relaxed);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "consumer lost; reconnecting");
+                            break;
+                        }
+                    }
+                }
+                None => {
+                    ready.store(false, Ordering::Relaxed);
+                    tracing::warn!("consumer stream ended; reconnecting");
+                    break;
+                }
+            }
+        }
+        let _ = conn.close(200, "reconnecting".into()).await;
+    }
+    None
+}

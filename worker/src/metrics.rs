@@ -1,0 +1,77 @@
+//! The worker's Prometheus registry: its own metrics plus the Bitrix24 client's.
+
+use b24_shared::bitrix::B24Metrics;
+use b24_shared::metrics::{counter_vec, histogram_vec, register};
+use prometheus::{HistogramVec, IntCounterVec, IntGauge, Registry};
+
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub registry: Registry,
+    /// By event label and outcome: done, duplicate, ignored, retry, dead.
+    pub messages: IntCounterVec,
+    pub processing: HistogramVec,
+    pub retries: IntCounterVec,
+    /// By event label and error code.
+    pub dead_letters: IntCounterVec,
+    pub in_flight: IntGauge,
+    pub b24: B24Metrics,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        Self {
+            messages: counter_vec(
+                &registry,
+                "b24_worker_messages_total",
+                "Messages settled, by event and outcome",
+                &["event", "outcome"],
+            ),
+            processing: histogram_vec(
+                &registry,
+                "b24_worker_processing_seconds",
+                "Time from delivery to settlement, by event",
+                &["event"],
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ],
+            ),
+            retries: counter_vec(
+                &registry,
+                "b24_worker_retries_total",
+                "Messages sent to a delay queue, by event",
+                &["event"],
+            ),
+            dead_letters: counter_vec(
+                &registry,
+                "b24_worker_dead_letters_total",
+                "Messages dead-lettered, by event and error code",
+                &["event", "code"],
+            ),
+            in_flight: register(
+                &registry,
+                IntGauge::new(
+                    "b24_worker_messages_in_flight",
+                    "Deliveries being processed",
+                ),
+            ),
+            b24: B24Metrics::new(&registry),
+            registry,
+        }
+    }
+}
+
+/// A bounded label for an event code: the codes we handle by name, the rest grouped.
+pub fn event_label(kind: &str, code: &str) -> &'static str {
+    match (kind, code) {
+        ("event", "ONCRMDEALRECURRINGEXPOSE") => "ONCRMDEALRECURRINGEXPOSE",
+        ("event", "ONCRMREQUISITEADD") => "ONCRMREQUISITEADD",
+        ("event", "ONAPPPAYMENT") => "ONAPPPAYMENT",
+        ("event", "ONAPPINSTALL") => "ONAPPINSTALL",
+        ("event", "ONAPPUNINSTALL") => "ONAPPUNINSTALL",
+        ("event", _) => "other_event",
+        ("placement", _) => "placement",
+        ("install", _) => "install",
+        _ => "unknown",
+    }
+}
