@@ -115,6 +115,9 @@ pub struct WorkerConfig {
     pub rate_burst: f64,
     /// Unacked deliveries one worker holds at most.
     pub prefetch: u16,
+    /// PostgreSQL connections one worker opens at most; mind the server's
+    /// `max_connections` across replicas.
+    pub db_pool: usize,
     /// Timeout of one REST request.
     pub http_timeout: Duration,
     /// On SIGTERM, how long in-flight messages may take before the worker exits.
@@ -184,6 +187,7 @@ impl WorkerConfig {
             rate_per_sec,
             rate_burst,
             prefetch: parse(env, "WORKER_PREFETCH", "64", "a count from 1 to 65535")?,
+            db_pool: parse(env, "WORKER_DB_POOL", "8", "a count")?,
             http_timeout: millis(env, "B24_HTTP_TIMEOUT_MS", "30000")?,
             shutdown_grace: millis(env, "WORKER_SHUTDOWN_GRACE_MS", "30000")?,
             batch_max,

@@ -18,12 +18,21 @@ const MIGRATION_LOCK: i64 = 0x0062_3234_7069_7065;
 pub enum DbError {
     #[error("DATABASE_URL is not a valid PostgreSQL URL")]
     BadUrl,
-    #[error("database: {0}")]
+    #[error("database: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("database pool: {0}")]
     Build(#[from] deadpool_postgres::BuildError),
+}
+
+/// tokio-postgres prints only "db error"; the server's code and message are what an
+/// operator needs (they never contain parameter values).
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 /// Builds the pool (lazy: no connection is made here).

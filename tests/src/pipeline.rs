@@ -180,6 +180,8 @@ impl Pipeline {
             ("B24_OAUTH_URL".into(), portal.oauth_url()),
             ("B24_ALLOWED_HOSTS".into(), "http://127.0.0.1:*".into()),
             ("WORKER_SHUTDOWN_GRACE_MS".into(), "5000".into()),
+            // Tests run side by side against one server with max_connections 100.
+            ("WORKER_DB_POOL".into(), "3".into()),
         ]);
         env.extend(
             overrides

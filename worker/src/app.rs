@@ -36,10 +36,7 @@ pub struct App {
 impl App {
     pub async fn build(config: WorkerConfig) -> anyhow::Result<Self> {
         db::create_database_if_missing(&config.database_url).await?;
-        let pool = db::pool(
-            &config.database_url,
-            usize::from(config.prefetch).clamp(4, 32),
-        )?;
+        let pool = db::pool(&config.database_url, config.db_pool.max(2))?;
         db::migrate(&pool).await?;
 
         let metrics = WorkerMetrics::default();
@@ -79,9 +76,12 @@ impl App {
         );
         let metrics_listener = TcpListener::bind(config.metrics_addr).await?;
         let metrics_addr = metrics_listener.local_addr()?;
+        let batcher =
+            crate::batch::Batcher::new(bitrix.clone(), config.batch_max, config.batch_window);
         let ctx = Arc::new(Ctx {
             store: Store::new(pool),
             bitrix,
+            batcher,
             publisher,
             topology: Topology::new(config.amqp.prefix.clone()),
             metrics,

@@ -22,6 +22,7 @@ pub const ATTEMPT_HEADER: &str = "x-attempt";
 pub struct Ctx {
     pub store: Store,
     pub bitrix: Bitrix,
+    pub batcher: Arc<crate::batch::Batcher>,
     pub publisher: Publisher,
     pub topology: Topology,
     pub metrics: WorkerMetrics,
@@ -121,7 +122,14 @@ async fn process(ctx: &Ctx, body: &[u8], known: &mut Known) -> Result<Done, Fail
             Ok(Done::Stored)
         }
         Work::Plan(plan) => {
-            let (writes, payment) = execute(&ctx.bitrix, &plan).await?;
+            let (writes, payment) = match plan.auth {
+                // The app's own tokens: batch with the portal's other events.
+                PlanAuth::Stored => {
+                    let results = ctx.batcher.run(&plan).await?;
+                    rows(&plan, &results)?
+                }
+                PlanAuth::UserThenStored(_) => execute(&ctx.bitrix, &plan).await?,
+            };
             ctx.store
                 .complete(&key, &plan.member_id, &writes, payment.as_ref())
                 .await?;
@@ -226,13 +234,28 @@ async fn verify_and_plan(ctx: &Ctx, env: &Envelope, known: &mut Known) -> Result
     }
 }
 
+/// Turns a plan's results (one per fetch, in order) into rows.
+fn rows(
+    plan: &Plan,
+    results: &[serde_json::Value],
+) -> Result<(Vec<EntityWrite>, Option<PaymentState>), Failure> {
+    let mut writes = Vec::with_capacity(results.len());
+    let mut payment = None;
+    for (fetch, result) in plan.fetches.iter().zip(results) {
+        if plan.payment && fetch.method == "app.info" {
+            payment = handlers::payment_state(result);
+        }
+        writes.push(fetch.entity(result)?);
+    }
+    Ok((writes, payment))
+}
+
 /// Runs a plan's calls one by one and turns results into rows.
 pub async fn execute(
     bitrix: &Bitrix,
     plan: &Plan,
 ) -> Result<(Vec<EntityWrite>, Option<PaymentState>), Failure> {
-    let mut writes = Vec::with_capacity(plan.fetches.len());
-    let mut payment = None;
+    let mut results = Vec::with_capacity(plan.fetches.len());
     for fetch in &plan.fetches {
         let answer = match &plan.auth {
             PlanAuth::Stored => {
@@ -267,12 +290,9 @@ pub async fn execute(
                 }
             }
         };
-        if plan.payment && fetch.method == "app.info" {
-            payment = handlers::payment_state(&answer.result);
-        }
-        writes.push(fetch.entity(&answer.result)?);
+        results.push(answer.result);
     }
-    Ok((writes, payment))
+    rows(plan, &results)
 }
 
 /// Acks, requeues with delay, or dead-letters, and says which (for metrics).

@@ -3,6 +3,7 @@
 //! then acks. Handlers live in [`handlers`], one module per event family.
 
 mod app;
+pub mod batch;
 pub mod consumer;
 pub mod dlq;
 pub mod handlers;

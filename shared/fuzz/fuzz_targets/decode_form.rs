@@ -7,6 +7,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(value) = decode_form(data, &FormLimits::default()) {
-        assert!(value.is_object(), "decode_form returned a non-object: {value}");
+        assert!(
+            value.is_object(),
+            "decode_form returned a non-object: {value}"
+        );
     }
 });

@@ -45,6 +45,19 @@ pub enum Auth {
     Given { endpoint: Url, token: Secret },
 }
 
+/// Bitrix24's execution-time budget per method: 480 s of work per 10 minutes.
+pub const OPERATING_BUDGET_SECS: f64 = 480.0;
+
+/// Past 80% of the budget, each call waits from 0.5 s (at 80%) up to 5 s (at 100%).
+pub fn slowdown(operating: f64) -> Option<Duration> {
+    let used = operating / OPERATING_BUDGET_SECS;
+    if used < 0.8 {
+        return None;
+    }
+    let over = ((used - 0.8) / 0.2).clamp(0.0, 1.0);
+    Some(Duration::from_secs_f64(0.5 + 4.5 * over))
+}
+
 fn db_error(e: impl std::fmt::Display) -> B24Error {
     B24Error::transient("DATABASE", e.to_string())
 }
@@ -345,31 +358,48 @@ impl Bitrix {
         }
     }
 
-    async fn check_method_pause(&self, member_id: &str, method: &str) -> Result<(), B24Error> {
+    /// Refuses a call to a method that is paused for this portal (after a 429), and
+    /// slows calls to a method that has used more than 80% of its execution-time
+    /// budget in the current window, so the 429 comes late or not at all.
+    pub async fn check_method_pause(&self, member_id: &str, method: &str) -> Result<(), B24Error> {
         let client = self.pool.get().await.map_err(db_error)?;
         let row = client
             .query_opt(
-                "SELECT extract(epoch FROM (paused_until - now()))::float8
+                "SELECT greatest(0, extract(epoch FROM (paused_until - now())))::float8,
+                        CASE WHEN operating_reset_at > now() THEN operating ELSE 0 END
                    FROM method_budgets
-                  WHERE member_id = $1 AND method = $2 AND paused_until > now()",
+                  WHERE member_id = $1 AND method = $2",
                 &[&member_id, &method],
             )
             .await
             .map_err(db_error)?;
-        if let Some(row) = row {
-            let secs: f64 = row.get(0);
+        drop(client);
+        let Some(row) = row else { return Ok(()) };
+        let paused: Option<f64> = row.get(0);
+        if let Some(secs) = paused.filter(|s| *s > 0.0) {
             let mut e = B24Error::ours(
                 ErrorClass::MethodPaused,
                 "OPERATION_TIME_LIMIT",
                 format!("{method} is paused for this portal"),
             );
-            e.retry_after = Some(Duration::from_secs_f64(secs.max(0.0)));
+            e.retry_after = Some(Duration::from_secs_f64(secs));
             return Err(e);
+        }
+        let operating: f64 = row.get(1);
+        if let Some(delay) = slowdown(operating) {
+            tracing::debug!(
+                member_id,
+                method,
+                operating,
+                ?delay,
+                "method near its time budget; slowing down"
+            );
+            tokio::time::sleep(delay).await;
         }
         Ok(())
     }
 
-    async fn pause_method(&self, member_id: &str, method: &str, pause: Duration) {
+    pub async fn pause_method(&self, member_id: &str, method: &str, pause: Duration) {
         if let Ok(client) = self.pool.get().await {
             let _ = client
                 .execute(
@@ -404,5 +434,28 @@ impl Bitrix {
                 )
                 .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_slow_down_only_past_eighty_percent_of_the_budget() {
+        assert_eq!(slowdown(0.0), None);
+        assert_eq!(slowdown(0.79 * OPERATING_BUDGET_SECS), None);
+        assert_eq!(
+            slowdown(0.8 * OPERATING_BUDGET_SECS),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            slowdown(OPERATING_BUDGET_SECS),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            slowdown(2.0 * OPERATING_BUDGET_SECS),
+            Some(Duration::from_secs(5))
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! RabbitMQ and PostgreSQL and a simulated Bitrix24 portal; each test under its own
 //! AMQP_PREFIX and database.
 
+mod client_limits;
 mod ingress_broker_outage;
 mod ingress_rejects;
 mod ingress_seeds;

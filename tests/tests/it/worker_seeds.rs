@@ -82,18 +82,27 @@ async fn deal_recurring_seed_stores_the_new_deal_and_its_template() {
         template["PARAMS"].is_object(),
         "PARAMS kept whole: {template}"
     );
-    let methods: Vec<String> = p
-        .portal
-        .calls()
+    // Both calls of the event travel in one batch request.
+    let calls = p.portal.calls();
+    let commands: Vec<(String, serde_json::Value)> = calls
         .iter()
-        .filter(|c| c.kind != CallKind::OAuth)
-        .map(|c| c.method.clone())
+        .filter(|c| c.kind == CallKind::BatchCommand)
+        .map(|c| (c.method.clone(), c.params.clone()))
         .collect();
     assert_eq!(
-        methods,
-        ["crm.deal.get", "crm.deal.recurring.get"],
+        commands,
+        [
+            ("crm.deal.get".to_string(), json!({"id": "6799"})),
+            ("crm.deal.recurring.get".to_string(), json!({"id": "9"})),
+        ],
         "exactly these calls"
     );
+    let requests: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.kind == CallKind::Rest)
+        .map(|c| c.method.as_str())
+        .collect();
+    assert_eq!(requests, ["batch"]);
     p.finish().await;
 }
 
