@@ -39,6 +39,7 @@ impl App {
         );
         let state = Arc::new(State {
             publisher,
+            portals: crate::portals::PortalCache::new(config.database_url.as_ref()),
             metrics: IngressMetrics::default(),
             limits: FormLimits::default(),
             body_limit: config.body_limit,

@@ -5,6 +5,7 @@
 mod app;
 mod html;
 mod metrics;
+mod portals;
 mod routes;
 
 pub use app::{shutdown_signal, App};

@@ -3,6 +3,7 @@
 
 use crate::html;
 use crate::metrics::IngressMetrics;
+use crate::portals::{PortalCache, Verdict};
 use b24_shared::amqp::{PublishError, Publisher};
 use b24_shared::event::{decode_body, InboundError, InboundEvent, InstallCall, PlacementCall};
 use b24_shared::form::FormLimits;
@@ -17,6 +18,7 @@ use std::time::Instant;
 
 pub struct State {
     pub publisher: Publisher,
+    pub portals: PortalCache,
     pub metrics: IngressMetrics,
     pub limits: FormLimits,
     pub body_limit: usize,
@@ -147,6 +149,16 @@ async fn accept(state: &State, route: &'static str, req: Request<Incoming>) -> R
         }
     };
 
+    if let Some((member_id, token)) = claimed_token(&envelope) {
+        if state.portals.verify(member_id, token).await == Verdict::Forged {
+            return reject(
+                StatusCode::UNAUTHORIZED,
+                "forged_token",
+                "auth[application_token] does not match this portal's".into(),
+            );
+        }
+    }
+
     let started = Instant::now();
     let result = state
         .publisher
@@ -182,6 +194,21 @@ async fn accept(state: &State, route: &'static str, req: Request<Incoming>) -> R
         }
         Err(e) => unavailable(state, &e),
     }
+}
+
+/// The member_id and application_token an event claims, if it carries both.
+fn claimed_token(envelope: &Envelope) -> Option<(&str, &str)> {
+    // A (re)installation may bring a new token; the worker verifies it with Bitrix24.
+    if envelope.kind != EnvelopeKind::Event || envelope.event == "ONAPPINSTALL" {
+        return None;
+    }
+    let member = envelope.member_id.as_ref()?.as_str();
+    let token = envelope
+        .payload
+        .get("auth")?
+        .get("application_token")?
+        .as_str()?;
+    Some((member, token))
 }
 
 fn unavailable(state: &State, e: &PublishError) -> Resp {

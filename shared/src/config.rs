@@ -38,7 +38,12 @@ pub struct IngressConfig {
     pub confirm_timeout: Duration,
     /// On SIGTERM, how long requests in flight may take to finish.
     pub shutdown_grace: Duration,
+    /// Where the worker keeps portals; the ingress reads their `application_token` to
+    /// refuse forged events. `DATABASE_URL=off` disables the check.
+    pub database_url: Option<Secret>,
 }
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/b24_pipeline";
 
 pub type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
@@ -88,6 +93,11 @@ impl IngressConfig {
             header_read_timeout: millis(env, "INGRESS_HEADER_TIMEOUT_MS", "10000")?,
             confirm_timeout: millis(env, "INGRESS_CONFIRM_TIMEOUT_MS", "5000")?,
             shutdown_grace: millis(env, "INGRESS_SHUTDOWN_GRACE_MS", "30000")?,
+            database_url: match env("DATABASE_URL") {
+                Some(off) if off == "off" => None,
+                Some(url) => Some(Secret::new(url)),
+                None => Some(Secret::new(DEFAULT_DATABASE_URL)),
+            },
         })
     }
 }
@@ -166,8 +176,7 @@ impl WorkerConfig {
         Ok(Self {
             amqp: AmqpConfig::from_lookup(env)?,
             database_url: Secret::new(
-                env("DATABASE_URL")
-                    .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/b24_pipeline".into()),
+                env("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
             ),
             metrics_addr: parse(
                 env,

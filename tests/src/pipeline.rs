@@ -166,9 +166,9 @@ impl Pipeline {
         portal: PortalConfig,
         overrides: &[(&str, &str)],
     ) -> Self {
-        let ingress = TestIngress::spawn(tag, &[]).await;
-        let portal = SimPortal::start(portal).await;
         let db = TestDb::new(tag);
+        let ingress = TestIngress::spawn(tag, &[("DATABASE_URL", &db.url)]).await;
+        let portal = SimPortal::start(portal).await;
         let mut env: HashMap<String, String> = HashMap::from([
             ("AMQP_PREFIX".into(), ingress.prefix.clone()),
             ("AMQP_URL".into(), crate::broker::amqp_url()),
@@ -262,6 +262,41 @@ impl Pipeline {
         })
         .await;
         assert!(ok.is_some(), "portal {member_id} installed within 30 s");
+    }
+
+    /// Publishes an event straight to the broker, as an ingress that could not
+    /// check it (database down) would have: the worker must verify it itself.
+    pub async fn publish_unchecked(&self, payload: &Value) {
+        let event = b24_shared::event::InboundEvent::parse(payload).expect("a valid event");
+        let env = b24_shared::Envelope::new(
+            b24_shared::EnvelopeKind::Event,
+            event.event.as_str().to_string(),
+            event.auth.member_id.clone(),
+            event.auth.domain.clone(),
+            payload.clone(),
+        );
+        let conn = crate::broker::connect().await.expect("broker");
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(Default::default())
+            .await
+            .expect("confirms");
+        let confirm = ch
+            .basic_publish(
+                self.ingress.topology.exchange().as_str().into(),
+                env.routing_key().as_str().into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &env.to_json(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
+        let _ = conn.close(200, "done".into()).await;
     }
 
     pub async fn install_seed_portal(&self) {

@@ -129,7 +129,8 @@ impl App {
         {
             tracing::warn!("grace period over; unfinished deliveries will be redelivered");
         }
-        if let Some(conn) = conn {
+        if let Some((conn, channel)) = conn {
+            let _ = channel.close(200, "shutting down".into()).await;
             let _ = conn.close(200, "shutting down".into()).await;
         }
         let _ = self.publisher_stop.send(true);
@@ -139,14 +140,15 @@ impl App {
 }
 
 /// Consumes until `stop`, reconnecting whenever the broker goes away. Returns the
-/// live connection, which deliveries in hand still need to ack on.
+/// live connection and channel, which deliveries in hand still need to ack on
+/// (dropping the channel would return them to the queue).
 async fn consume(
     config: &WorkerConfig,
     ctx: Arc<Ctx>,
     tracker: &TaskTracker,
     ready: &AtomicBool,
     stop: &CancellationToken,
-) -> Option<lapin::Connection> {
+) -> Option<(lapin::Connection, lapin::Channel)> {
     let mut delay = Duration::from_millis(200);
     let name = format!("b24-worker/{}", config.amqp.prefix);
     while !stop.is_cancelled() {
@@ -190,7 +192,7 @@ async fn consume(
                     let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
                     // Deliveries already handed out finish on this channel, so the
                     // connection stays open until they are done (see run).
-                    return Some(conn);
+                    return Some((conn, channel));
                 }
             };
             match next {

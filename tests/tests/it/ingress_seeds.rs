@@ -161,3 +161,25 @@ async fn health_readiness_and_metrics_are_served() {
     );
     ingress.finish().await;
 }
+
+#[tokio::test]
+async fn events_are_accepted_when_the_portals_database_is_unreachable() {
+    // The worker verifies again; refusing would lose an event Bitrix24 never resends.
+    let ingress = TestIngress::spawn(
+        "dbdown",
+        &[("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nowhere")],
+    )
+    .await;
+    let a = ingress
+        .http
+        .post(
+            "/events",
+            Some(FORM),
+            http_build_query(&fixtures::requisite_add()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(ingress.work_messages().await.len(), 1);
+    ingress.finish().await;
+}

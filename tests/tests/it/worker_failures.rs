@@ -42,13 +42,53 @@ async fn event_row(p: &Pipeline, event: &str) -> (String, Option<String>, Option
 }
 
 #[tokio::test]
+async fn forged_application_token_is_refused_at_the_edge_and_not_queued() {
+    let p = Pipeline::start("w-edge", 1, &[]).await;
+    p.install_seed_portal().await;
+    let mut forged = fixtures::requisite_add();
+    forged["auth"]["application_token"] = json!("00000000000000000000000000000000");
+    let a = p
+        .ingress
+        .http
+        .post(
+            "/events",
+            Some(b24_tests::http::FORM),
+            b24_tests::phpform::http_build_query(&forged),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 401, "{}", a.body);
+    assert!(a.body.contains("application_token"), "{}", a.body);
+    assert!(
+        !a.body.contains("0000000000"),
+        "token not echoed: {}",
+        a.body
+    );
+    // The genuine event still goes through.
+    p.post("/events", &fixtures::requisite_add()).await;
+    assert!(p.wait_events("ONCRMREQUISITEADD", "done", 1, WITHIN).await);
+    let n: i64 = p
+        .db_client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM events WHERE event = 'ONCRMREQUISITEADD'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the forged one never reached the worker");
+    p.finish().await;
+}
+
+#[tokio::test]
 async fn forged_application_token_is_dead_lettered_without_a_rest_call() {
     let p = Pipeline::start("w-forged", 1, &[]).await;
     p.install_seed_portal().await;
     p.portal.clear_calls();
     let mut forged = fixtures::requisite_add();
     forged["auth"]["application_token"] = json!("00000000000000000000000000000000");
-    p.post("/events", &forged).await;
+    p.publish_unchecked(&forged).await;
     assert!(p.wait_events("ONCRMREQUISITEADD", "dead", 1, WITHIN).await);
     let (_, code, _) = event_row(&p, "ONCRMREQUISITEADD").await;
     assert_eq!(code.as_deref(), Some("APPLICATION_TOKEN_MISMATCH"));
@@ -316,6 +356,36 @@ async fn an_unhandled_event_is_recorded_and_acked() {
     assert!(
         m.contains(r#"b24_worker_messages_total{event="other_event",outcome="ignored"} 1"#),
         "{m}"
+    );
+    p.finish().await;
+}
+
+#[tokio::test]
+async fn sigterm_finishes_the_message_in_hand_before_exiting() {
+    let mut p = Pipeline::start("w-term", 1, &[]).await;
+    p.install_seed_portal().await;
+    p.portal.set_delay(Duration::from_millis(1500));
+    p.post("/events", &fixtures::requisite_add()).await;
+    let inside = eventually(WITHIN, || async {
+        let db = p.db_client().await;
+        db.query_opt(
+            "SELECT 1 FROM events WHERE event = 'ONCRMREQUISITEADD' AND status = 'processing'",
+            &[],
+        )
+        .await
+        .ok()?
+    })
+    .await;
+    assert!(inside.is_some());
+    p.workers[0].stop().await;
+    let (status, _, _) = event_row(&p, "ONCRMREQUISITEADD").await;
+    assert_eq!(status, "done", "finished before exiting");
+    assert_eq!(
+        b24_tests::broker::ready_count(&p.ingress.topology.work_queue())
+            .await
+            .unwrap(),
+        0,
+        "acked, so nothing is redelivered"
     );
     p.finish().await;
 }
