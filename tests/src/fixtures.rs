@@ -21,6 +21,22 @@ pub fn app_payment() -> Value {
     load("app_payment.json")
 }
 
+/// The requisite seed for another requisite id: distinct events for load tests.
+pub fn requisite_add_numbered(id: u64) -> Value {
+    let mut e = requisite_add();
+    e["data"]["FIELDS"]["ID"] = Value::String(id.to_string());
+    e
+}
+
+/// The recurring-deal seed for the `n`th new deal (templates 1 to 40 in turn):
+/// distinct events of two calls each.
+pub fn deal_recurring_expose_numbered(n: u64) -> Value {
+    let mut e = deal_recurring_expose();
+    e["data"]["FIELDS"]["DEAL_ID"] = Value::String((100_000 + n).to_string());
+    e["data"]["FIELDS"]["ID"] = Value::String((n % 40 + 1).to_string());
+    e
+}
+
 /// The seven widget calls of the CRM detail-activity placement page.
 pub fn placements() -> Vec<Value> {
     match load("placements.json") {

@@ -331,6 +331,35 @@ impl Pipeline {
         .is_some()
     }
 
+    /// The newest row of `event`: (status, error_code, last_error).
+    pub async fn last_event(&self, event: &str) -> (String, Option<String>, Option<String>) {
+        let row = self
+            .db_client()
+            .await
+            .query_one(
+                "SELECT status, error_code, last_error FROM events WHERE event = $1
+                  ORDER BY id DESC LIMIT 1",
+                &[&event],
+            )
+            .await
+            .expect("the event has a row");
+        (row.get(0), row.get(1), row.get(2))
+    }
+
+    /// Number of rows of `event`, and the newest one's attempts.
+    pub async fn event_count_and_attempts(&self, event: &str) -> (i64, i32) {
+        let row = self
+            .db_client()
+            .await
+            .query_one(
+                "SELECT count(*), coalesce(max(attempts), 0) FROM events WHERE event = $1",
+                &[&event],
+            )
+            .await
+            .expect("events table");
+        (row.get(0), row.get(1))
+    }
+
     pub async fn entity(&self, member_id: &str, kind: &str, id: &str) -> Option<Value> {
         let db = self.db_client().await;
         db.query_opt(

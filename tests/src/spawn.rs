@@ -25,8 +25,16 @@ pub struct TestIngress {
 }
 
 impl TestIngress {
-    /// Starts an ingress with default settings but for `overrides` (env names).
+    /// Starts an ingress with default settings but for `overrides` (env names), and
+    /// waits until it is connected to the broker.
     pub async fn spawn(tag: &str, overrides: &[(&str, &str)]) -> Self {
+        let ingress = Self::start(tag, overrides).await;
+        ingress.wait_ready(Duration::from_secs(15)).await;
+        ingress
+    }
+
+    /// Starts an ingress without waiting for the broker.
+    pub async fn start(tag: &str, overrides: &[(&str, &str)]) -> Self {
         let prefix = unique_prefix(tag);
         let mut env: HashMap<String, String> = HashMap::from([
             ("AMQP_PREFIX".into(), prefix.clone()),
@@ -45,16 +53,14 @@ impl TestIngress {
         let task = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
         }));
-        let ingress = Self {
+        Self {
             addr,
             topology: Topology::new(prefix.clone()),
             prefix,
             http: HttpClient::new(addr),
             stop: Some(stop),
             task: Some(task),
-        };
-        ingress.wait_ready(Duration::from_secs(15)).await;
-        ingress
+        }
     }
 
     pub async fn wait_ready(&self, within: Duration) {

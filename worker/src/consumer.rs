@@ -4,9 +4,9 @@
 //! leaves the message unacked, so the broker redelivers it: nothing is lost, and the
 //! `events` row makes sure nothing is stored twice.
 
-use crate::handlers::{self, install::InstallRequest, Failure, Plan, PlanAuth, Work};
+use crate::handlers::{self, Failure, Plan, PlanAuth, Work};
 use crate::metrics::{event_label, WorkerMetrics};
-use crate::store::{dedup_key, EntityWrite, EventState, PaymentState, Store};
+use crate::store::{dedup_key, EntityWrite, EventState, Installation, PaymentState, Store};
 use b24_shared::amqp::{Publisher, Topology, RETRY_DELAYS};
 use b24_shared::bitrix::{Auth, Bitrix, ErrorClass};
 use b24_shared::event::{InboundEvent, InstallCall};
@@ -146,13 +146,13 @@ async fn verify_and_plan(ctx: &Ctx, env: &Envelope, known: &mut Known) -> Result
         EnvelopeKind::Install => {
             let call = InstallCall::parse(&env.payload).map_err(malformed)?;
             known.member_id = Some(call.member_id.to_string());
-            Ok(Work::Install(InstallRequest::from_page(&call)))
+            Ok(Work::Install(Installation::from_page(&call)))
         }
         EnvelopeKind::Event => {
             let event = InboundEvent::parse(&env.payload).map_err(malformed)?;
             if event.event.as_str() == "ONAPPINSTALL" {
                 known.member_id = event.auth.member_id.as_ref().map(|m| m.to_string());
-                return Ok(Work::Install(InstallRequest::from_event(&event)?));
+                return Ok(Work::Install(Installation::from_event(&event)?));
             }
             let portal = ctx
                 .store

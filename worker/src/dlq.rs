@@ -55,21 +55,38 @@ pub fn describe(body: &[u8], headers: &Option<FieldTable>) -> Value {
     })
 }
 
+/// A channel on the dead-letter queue, for one command.
+struct DeadLetters {
+    conn: lapin::Connection,
+    ch: lapin::Channel,
+    topo: Topology,
+}
+
+impl DeadLetters {
+    async fn open(amqp: &AmqpConfig) -> anyhow::Result<Self> {
+        let topo = Topology::new(amqp.prefix.clone());
+        let conn = connect(amqp, "b24-worker-dlq").await?;
+        let ch = conn.create_channel().await?;
+        topo.declare(&ch).await?;
+        Ok(Self { conn, ch, topo })
+    }
+
+    /// The next dead letter, unacked.
+    async fn next(&self) -> anyhow::Result<Option<lapin::message::BasicGetMessage>> {
+        let queue = self.topo.dead_letter_queue();
+        Ok(self
+            .ch
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await?)
+    }
+}
+
 /// Reads up to `limit` dead letters without removing them.
 pub async fn peek(amqp: &AmqpConfig, limit: usize) -> anyhow::Result<Vec<Value>> {
-    let topo = Topology::new(amqp.prefix.clone());
-    let conn = connect(amqp, "b24-worker-dlq").await?;
-    let ch = conn.create_channel().await?;
-    topo.declare(&ch).await?;
+    let dl = DeadLetters::open(amqp).await?;
     let mut out = Vec::new();
     while out.len() < limit {
-        let Some(msg) = ch
-            .basic_get(
-                topo.dead_letter_queue().as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
+        let Some(msg) = dl.next().await? else {
             break;
         };
         out.push(describe(
@@ -78,7 +95,7 @@ pub async fn peek(amqp: &AmqpConfig, limit: usize) -> anyhow::Result<Vec<Value>>
         ));
     }
     // Closing without acking puts every message back.
-    let _ = conn.close(200, "listed".into()).await;
+    let _ = dl.conn.close(200, "listed".into()).await;
     Ok(out)
 }
 
@@ -93,20 +110,13 @@ pub async fn list(amqp: &AmqpConfig, limit: usize) -> anyhow::Result<()> {
 
 /// Moves up to `limit` dead letters back to the work exchange; returns how many.
 pub async fn replay(amqp: &AmqpConfig, limit: usize) -> anyhow::Result<usize> {
-    let topo = Topology::new(amqp.prefix.clone());
-    let conn = connect(amqp, "b24-worker-dlq").await?;
-    let ch = conn.create_channel().await?;
-    topo.declare(&ch).await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let dl = DeadLetters::open(amqp).await?;
+    dl.ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let mut moved = 0;
     while moved < limit {
-        let Some(msg) = ch
-            .basic_get(
-                topo.dead_letter_queue().as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
+        let Some(msg) = dl.next().await? else {
             break;
         };
         let routing_key = Envelope::from_json(&msg.delivery.data)
@@ -118,10 +128,11 @@ pub async fn replay(amqp: &AmqpConfig, limit: usize) -> anyhow::Result<usize> {
         if let Some(id) = msg.delivery.properties.message_id() {
             props = props.with_message_id(id.clone());
         }
-        // A fresh start: attempts begin again at zero.
-        let confirm = ch
+        // A fresh start: no attempt header, so retries begin again at the first delay.
+        let confirm = dl
+            .ch
             .basic_publish(
-                topo.exchange().as_str().into(),
+                dl.topo.exchange().as_str().into(),
                 routing_key.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
@@ -142,6 +153,6 @@ pub async fn replay(amqp: &AmqpConfig, limit: usize) -> anyhow::Result<usize> {
             ),
         }
     }
-    let _ = conn.close(200, "replayed".into()).await;
+    let _ = dl.conn.close(200, "replayed".into()).await;
     Ok(moved)
 }

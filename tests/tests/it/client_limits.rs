@@ -6,19 +6,6 @@ use b24_tests::portal::{CallKind, PortalConfig};
 use serde_json::{json, Value};
 use std::time::Duration;
 
-fn requisite(id: u64) -> Value {
-    let mut e = fixtures::requisite_add();
-    e["data"]["FIELDS"]["ID"] = json!(id.to_string());
-    e
-}
-
-fn deal_expose(n: u64) -> Value {
-    let mut e = fixtures::deal_recurring_expose();
-    e["data"]["FIELDS"]["DEAL_ID"] = json!((10_000 + n).to_string());
-    e["data"]["FIELDS"]["ID"] = json!((n % 40 + 1).to_string());
-    e
-}
-
 /// HTTP requests to /rest/ and how many of them got 503 QUERY_LIMIT_EXCEEDED.
 fn requests_and_503s(p: &Pipeline) -> (usize, usize) {
     let calls = p.portal.calls();
@@ -43,7 +30,7 @@ async fn four_workers_process_500_events_inside_one_portals_budget() {
     let p = Pipeline::start("l-500", 4, &[]).await;
     p.install_seed_portal().await;
     p.portal.clear_calls();
-    post_all(&p, (1..=500).map(requisite)).await;
+    post_all(&p, (1..=500).map(fixtures::requisite_add_numbered)).await;
     assert!(
         p.wait_events("ONCRMREQUISITEADD", "done", 500, Duration::from_secs(120))
             .await,
@@ -78,7 +65,7 @@ async fn the_shared_limiter_keeps_four_unbatched_workers_inside_the_bucket() {
     let p = Pipeline::start_with("l-limiter", 4, portal, &overrides).await;
     p.install_seed_portal().await;
     p.portal.clear_calls();
-    post_all(&p, (1..=120).map(requisite)).await;
+    post_all(&p, (1..=120).map(fixtures::requisite_add_numbered)).await;
     assert!(
         p.wait_events("ONCRMREQUISITEADD", "done", 120, Duration::from_secs(90))
             .await
@@ -98,7 +85,7 @@ async fn eight_workers_meet_an_expired_token_with_exactly_one_refresh() {
     p.install_seed_portal().await;
     p.portal.expire_access_tokens();
     p.portal.clear_calls();
-    post_all(&p, (1..=32).map(requisite)).await;
+    post_all(&p, (1..=32).map(fixtures::requisite_add_numbered)).await;
     assert!(
         p.wait_events("ONCRMREQUISITEADD", "done", 32, Duration::from_secs(60))
             .await
@@ -137,16 +124,9 @@ async fn a_429_on_one_method_pauses_that_method_only() {
         )
         .await
     );
-    let db = p.db_client().await;
-    let code: Option<String> = db
-        .query_one(
-            "SELECT error_code FROM events WHERE event = 'ONCRMDEALRECURRINGEXPOSE'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (_, code, _) = p.last_event("ONCRMDEALRECURRINGEXPOSE").await;
     assert_eq!(code.as_deref(), Some("OPERATION_TIME_LIMIT"));
+    let db = p.db_client().await;
     let paused: bool = db
         .query_one(
             "SELECT paused_until > now() FROM method_budgets WHERE member_id = $1 AND method = 'crm.deal.get'",
@@ -159,7 +139,8 @@ async fn a_429_on_one_method_pauses_that_method_only() {
     let deal_calls = p.calls_of("crm.deal.get").len();
 
     // Another deal event waits without calling; other methods go on.
-    p.post("/events", &deal_expose(1)).await;
+    p.post("/events", &fixtures::deal_recurring_expose_numbered(1))
+        .await;
     p.post("/events", &fixtures::requisite_add()).await;
     assert!(
         p.wait_events("ONCRMREQUISITEADD", "done", 1, Duration::from_secs(30))
@@ -194,16 +175,7 @@ async fn an_endpoint_outside_the_allowlist_is_never_called() {
         p.wait_events("ONAPPINSTALL", "dead", 1, Duration::from_secs(30))
             .await
     );
-    let code: Option<String> = p
-        .db_client()
-        .await
-        .query_one(
-            "SELECT error_code FROM events WHERE event = 'ONAPPINSTALL'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (_, code, _) = p.last_event("ONAPPINSTALL").await;
     assert_eq!(code.as_deref(), Some("ENDPOINT_NOT_ALLOWED"));
     assert!(p.portal.calls().is_empty(), "nothing was sent");
     p.finish().await;
@@ -263,7 +235,7 @@ async fn a_batch_with_failing_commands_settles_each_event_on_its_own() {
     p.install_seed_portal().await;
     p.portal.set_missing("crm.requisite.get", 2);
     p.portal.clear_calls();
-    post_all(&p, (1..=4).map(requisite)).await;
+    post_all(&p, (1..=4).map(fixtures::requisite_add_numbered)).await;
     assert!(
         p.wait_events("ONCRMREQUISITEADD", "done", 3, Duration::from_secs(30))
             .await

@@ -134,22 +134,12 @@ async fn broker_connection_closed_under_load_gives_503s_never_a_false_200_and_re
 #[tokio::test]
 async fn broker_unreachable_gives_503_with_retry_after_and_not_ready() {
     // Nothing listens on port 1: the ingress starts anyway and refuses honestly.
-    let ingress_cfg = [("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")];
-    let prefix = b24_tests::spawn::unique_prefix("down");
-    let env: std::collections::HashMap<&str, String> = [
-        ("AMQP_PREFIX", prefix),
-        ("INGRESS_ADDR", "127.0.0.1:0".to_string()),
-        (ingress_cfg[0].0, ingress_cfg[0].1.to_string()),
-    ]
-    .into_iter()
-    .collect();
-    let config = b24_shared::config::IngressConfig::from_lookup(&|k| env.get(k).cloned()).unwrap();
-    let app = b24_ingress::App::build(config).await.unwrap();
-    let http = b24_tests::http::HttpClient::new(app.local_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
+    let ingress = TestIngress::start(
+        "down",
+        &[("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")],
+    )
+    .await;
+    let http = &ingress.http;
     let a = http
         .post(
             "/events",
@@ -166,6 +156,5 @@ async fn broker_unreachable_gives_503_with_retry_after_and_not_ready() {
         StatusCode::SERVICE_UNAVAILABLE
     );
     assert_eq!(http.get("/healthz").await.unwrap().status, StatusCode::OK);
-    let _ = stop.send(());
-    task.await.unwrap();
+    ingress.finish().await;
 }

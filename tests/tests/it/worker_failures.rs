@@ -27,20 +27,6 @@ fn rest_calls(p: &Pipeline) -> usize {
         .count()
 }
 
-async fn event_row(p: &Pipeline, event: &str) -> (String, Option<String>, Option<String>) {
-    let row = p
-        .db_client()
-        .await
-        .query_one(
-            "SELECT status, error_code, last_error FROM events WHERE event = $1
-              ORDER BY id DESC LIMIT 1",
-            &[&event],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1), row.get(2))
-}
-
 #[tokio::test]
 async fn forged_application_token_is_refused_at_the_edge_and_not_queued() {
     let p = Pipeline::start("w-edge", 1, &[]).await;
@@ -67,16 +53,7 @@ async fn forged_application_token_is_refused_at_the_edge_and_not_queued() {
     // The genuine event still goes through.
     p.post("/events", &fixtures::requisite_add()).await;
     assert!(p.wait_events("ONCRMREQUISITEADD", "done", 1, WITHIN).await);
-    let n: i64 = p
-        .db_client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM events WHERE event = 'ONCRMREQUISITEADD'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (n, _) = p.event_count_and_attempts("ONCRMREQUISITEADD").await;
     assert_eq!(n, 1, "the forged one never reached the worker");
     p.finish().await;
 }
@@ -90,7 +67,7 @@ async fn forged_application_token_is_dead_lettered_without_a_rest_call() {
     forged["auth"]["application_token"] = json!("00000000000000000000000000000000");
     p.publish_unchecked(&forged).await;
     assert!(p.wait_events("ONCRMREQUISITEADD", "dead", 1, WITHIN).await);
-    let (_, code, _) = event_row(&p, "ONCRMREQUISITEADD").await;
+    let (_, code, _) = p.last_event("ONCRMREQUISITEADD").await;
     assert_eq!(code.as_deref(), Some("APPLICATION_TOKEN_MISMATCH"));
     assert_eq!(rest_calls(&p), 0, "no REST call for a forged event");
     let dead = b24_worker::dlq::peek(&amqp(&p), 10).await.unwrap();
@@ -109,7 +86,7 @@ async fn unknown_portal_is_dead_lettered_and_replay_returns_it_to_work() {
     let p = Pipeline::start("w-unknown", 1, &[]).await;
     p.post("/events", &fixtures::requisite_add()).await;
     assert!(p.wait_events("ONCRMREQUISITEADD", "dead", 1, WITHIN).await);
-    let (_, code, _) = event_row(&p, "ONCRMREQUISITEADD").await;
+    let (_, code, _) = p.last_event("ONCRMREQUISITEADD").await;
     assert_eq!(code.as_deref(), Some("UNKNOWN_PORTAL"));
     assert_eq!(rest_calls(&p), 0);
 
@@ -154,7 +131,7 @@ async fn malformed_envelope_is_dead_lettered_with_its_reason() {
         .as_str()
         .unwrap()
         .contains("envelope is not valid"));
-    let (status, code, _) = event_row(&p, "UNKNOWN").await;
+    let (status, code, _) = p.last_event("UNKNOWN").await;
     assert_eq!(
         (status.as_str(), code.as_deref()),
         ("dead", Some("MALFORMED_ENVELOPE"))
@@ -188,16 +165,8 @@ async fn persistent_500s_go_through_the_delay_queue_and_then_succeed() {
             .await
     );
     assert!(p.wait_events("ONCRMREQUISITEADD", "done", 1, WITHIN).await);
-    let row = p
-        .db_client()
-        .await
-        .query_one(
-            "SELECT attempts FROM events WHERE event = 'ONCRMREQUISITEADD'",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, i32>(0), 2);
+    let (_, attempts) = p.event_count_and_attempts("ONCRMREQUISITEADD").await;
+    assert_eq!(attempts, 2);
     p.finish().await;
 }
 
@@ -208,7 +177,7 @@ async fn a_permanent_error_is_dead_lettered_with_its_code() {
     p.portal.fail_next(1, 403, "ACCESS_DENIED");
     p.post("/events", &fixtures::requisite_add()).await;
     assert!(p.wait_events("ONCRMREQUISITEADD", "dead", 1, WITHIN).await);
-    let (_, code, reason) = event_row(&p, "ONCRMREQUISITEADD").await;
+    let (_, code, reason) = p.last_event("ONCRMREQUISITEADD").await;
     assert_eq!(code.as_deref(), Some("ACCESS_DENIED"));
     assert!(reason.unwrap().contains("403"));
     assert_eq!(p.calls_of("crm.requisite.get").len(), 1, "not retried");
@@ -226,7 +195,7 @@ async fn a_duplicate_event_is_processed_once() {
     );
     p.post("/events", &fixtures::deal_recurring_expose()).await;
     let m = eventually(WITHIN, || async {
-        let m = reqwest_metrics(&p).await?;
+        let m = worker_metrics(&p).await?;
         m.contains(
             r#"b24_worker_messages_total{event="ONCRMDEALRECURRINGEXPOSE",outcome="duplicate"} 1"#,
         )
@@ -235,21 +204,27 @@ async fn a_duplicate_event_is_processed_once() {
     .await;
     assert!(m.is_some(), "second delivery counted as duplicate");
     assert_eq!(p.calls_of("crm.deal.get").len(), 1);
-    let n: i64 = p
-        .db_client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM events WHERE event = 'ONCRMDEALRECURRINGEXPOSE'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (n, _) = p.event_count_and_attempts("ONCRMDEALRECURRINGEXPOSE").await;
     assert_eq!(n, 1);
     p.finish().await;
 }
 
-async fn reqwest_metrics(p: &Pipeline) -> Option<String> {
+/// Waits until a worker has begun the event (its row says `processing`).
+async fn wait_processing(p: &Pipeline, event: &str) -> bool {
+    let db = p.db_client().await;
+    eventually(WITHIN, || async {
+        db.query_opt(
+            "SELECT 1 FROM events WHERE event = $1 AND status = 'processing'",
+            &[&event],
+        )
+        .await
+        .ok()?
+    })
+    .await
+    .is_some()
+}
+
+async fn worker_metrics(p: &Pipeline) -> Option<String> {
     let http = b24_tests::http::HttpClient::new(p.workers[0].metrics_addr);
     Some(http.get("/metrics").await.ok()?.body)
 }
@@ -261,19 +236,7 @@ async fn a_worker_killed_mid_message_causes_redelivery_but_no_duplicate_rows() {
     p.portal.set_delay(Duration::from_millis(1500));
     p.post("/events", &fixtures::deal_recurring_expose()).await;
     // Wait until the worker is inside the first REST call, then kill it.
-    let inside = eventually(WITHIN, || async {
-        let db = p.db_client().await;
-        let row = db
-            .query_opt(
-                "SELECT 1 FROM events WHERE event = 'ONCRMDEALRECURRINGEXPOSE' AND status = 'processing'",
-                &[],
-            )
-            .await
-            .ok()??;
-        Some(row)
-    })
-    .await;
-    assert!(inside.is_some());
+    assert!(wait_processing(&p, "ONCRMDEALRECURRINGEXPOSE").await);
     p.workers[0].kill().await;
     p.portal.set_delay(Duration::ZERO);
     p.add_worker().await;
@@ -281,16 +244,10 @@ async fn a_worker_killed_mid_message_causes_redelivery_but_no_duplicate_rows() {
         p.wait_events("ONCRMDEALRECURRINGEXPOSE", "done", 1, WITHIN)
             .await
     );
-    let db = p.db_client().await;
-    let events: i64 = db
-        .query_one(
-            "SELECT count(*) FROM events WHERE event = 'ONCRMDEALRECURRINGEXPOSE'",
-            &[],
-        )
+    let (events, attempts) = p.event_count_and_attempts("ONCRMDEALRECURRINGEXPOSE").await;
+    let entities: i64 = p
+        .db_client()
         .await
-        .unwrap()
-        .get(0);
-    let entities: i64 = db
         .query_one(
             "SELECT count(*) FROM entities WHERE kind IN ('deal', 'deal_recurring')",
             &[],
@@ -299,14 +256,6 @@ async fn a_worker_killed_mid_message_causes_redelivery_but_no_duplicate_rows() {
         .unwrap()
         .get(0);
     assert_eq!((events, entities), (1, 2));
-    let attempts: i32 = db
-        .query_one(
-            "SELECT attempts FROM events WHERE event = 'ONCRMDEALRECURRINGEXPOSE'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
     assert!(attempts >= 2, "redelivered: {attempts} attempts");
     p.finish().await;
 }
@@ -352,7 +301,7 @@ async fn an_unhandled_event_is_recorded_and_acked() {
     other["event"] = json!("ONCRMCONTACTADD");
     p.post("/events", &other).await;
     assert!(p.wait_events("ONCRMCONTACTADD", "ignored", 1, WITHIN).await);
-    let m = reqwest_metrics(&p).await.unwrap();
+    let m = worker_metrics(&p).await.unwrap();
     assert!(
         m.contains(r#"b24_worker_messages_total{event="other_event",outcome="ignored"} 1"#),
         "{m}"
@@ -366,19 +315,9 @@ async fn sigterm_finishes_the_message_in_hand_before_exiting() {
     p.install_seed_portal().await;
     p.portal.set_delay(Duration::from_millis(1500));
     p.post("/events", &fixtures::requisite_add()).await;
-    let inside = eventually(WITHIN, || async {
-        let db = p.db_client().await;
-        db.query_opt(
-            "SELECT 1 FROM events WHERE event = 'ONCRMREQUISITEADD' AND status = 'processing'",
-            &[],
-        )
-        .await
-        .ok()?
-    })
-    .await;
-    assert!(inside.is_some());
+    assert!(wait_processing(&p, "ONCRMREQUISITEADD").await);
     p.workers[0].stop().await;
-    let (status, _, _) = event_row(&p, "ONCRMREQUISITEADD").await;
+    let (status, _, _) = p.last_event("ONCRMREQUISITEADD").await;
     assert_eq!(status, "done", "finished before exiting");
     assert_eq!(
         b24_tests::broker::ready_count(&p.ingress.topology.work_queue())

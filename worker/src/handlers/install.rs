@@ -8,7 +8,6 @@ use super::Failure;
 use crate::store::{Installation, Store};
 use b24_shared::bitrix::{Auth, Bitrix};
 use b24_shared::event::{InboundEvent, InstallCall};
-use b24_shared::Secret;
 use serde_json::json;
 
 /// Events bound at installation (ONAPPINSTALL itself is set in the app's settings).
@@ -29,19 +28,8 @@ pub const BOUND_PLACEMENTS: &[&str] = &[
     "CRM_SMART_INVOICE_DETAIL_ACTIVITY",
 ];
 
-#[derive(Debug, Clone)]
-pub struct InstallRequest {
-    pub member_id: String,
-    pub domain: String,
-    pub client_endpoint: String,
-    pub server_endpoint: Option<String>,
-    pub access_token: Secret,
-    pub refresh_token: Secret,
-    pub expires_in: i64,
-    pub application_token: Option<Secret>,
-}
-
-impl InstallRequest {
+/// What an installation offers, until `app.info` has vouched for it.
+impl Installation {
     pub fn from_event(e: &InboundEvent) -> Result<Self, Failure> {
         let a = &e.auth;
         let missing =
@@ -95,7 +83,7 @@ pub async fn run(
     bitrix: &Bitrix,
     store: &Store,
     public_url: &str,
-    req: InstallRequest,
+    req: Installation,
 ) -> Result<(), Failure> {
     let endpoint = bitrix.rest.endpoint(&req.client_endpoint)?;
     // A re-install may not move a known portal to another host: that would let anyone
@@ -120,14 +108,8 @@ pub async fn run(
         .await?;
     store
         .install(&Installation {
-            member_id: req.member_id.clone(),
-            domain: req.domain.clone(),
             client_endpoint: endpoint.to_string(),
-            server_endpoint: req.server_endpoint.clone(),
-            access_token: req.access_token.clone(),
-            refresh_token: req.refresh_token.clone(),
-            expires_in: req.expires_in,
-            application_token: req.application_token.clone(),
+            ..req.clone()
         })
         .await?;
     tracing::info!(member_id = %req.member_id, domain = %req.domain, "portal installed");

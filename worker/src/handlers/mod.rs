@@ -83,7 +83,7 @@ impl Plan {
 #[derive(Debug)]
 pub enum Work {
     Plan(Plan),
-    Install(install::InstallRequest),
+    Install(crate::store::Installation),
     Uninstall {
         member_id: String,
     },
