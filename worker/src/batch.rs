@@ -205,6 +205,8 @@ impl Batcher {
         };
         let results = as_map(answer.get("result"));
         let errors = as_map(answer.get("result_error"));
+        self.record_times(member_id, &jobs, &as_map(answer.get("result_time")))
+            .await;
         for (ji, job) in jobs.into_iter().enumerate() {
             let mut out = Vec::with_capacity(job.calls.len());
             let mut failure = None;
@@ -233,6 +235,27 @@ impl Batcher {
         }
     }
 
+    /// Each command's `result_time` carries its method's `operating` total: keep the
+    /// latest per method (one write per method, not per command).
+    async fn record_times(&self, member_id: &str, jobs: &[Job], times: &Map<String, Value>) {
+        let mut latest: HashMap<&str, &Value> = HashMap::new();
+        for (ji, job) in jobs.iter().enumerate() {
+            for (ci, (method, _)) in job.calls.iter().enumerate() {
+                if let Some(t) = times.get(&key(ji, ci)) {
+                    let newer = latest
+                        .get(method)
+                        .is_none_or(|old| operating(t) >= operating(old));
+                    if newer {
+                        latest.insert(method, t);
+                    }
+                }
+            }
+        }
+        for (method, time) in latest {
+            self.bitrix.record_operating(member_id, method, time).await;
+        }
+    }
+
     /// A command's `result_error` entry, classified like a call of its own.
     async fn command_failure(&self, member_id: &str, method: &str, err: &Value) -> Failure {
         let code = err
@@ -252,6 +275,10 @@ impl Batcher {
         }
         Failure::from(e)
     }
+}
+
+fn operating(time: &Value) -> f64 {
+    time.get("operating").and_then(Value::as_f64).unwrap_or(0.0)
 }
 
 fn key(job: usize, call: usize) -> String {

@@ -165,7 +165,9 @@ impl Bitrix {
                     if let (Some(new), Some(_)) = (&answer.moved_to, &stored) {
                         self.store_endpoint(member_id, new).await?;
                     }
-                    self.record_operating(member_id, method, &answer).await;
+                    if let Some(time) = &answer.time {
+                        self.record_operating(member_id, method, time).await;
+                    }
                     return Ok(answer);
                 }
                 Err(e) => e,
@@ -413,10 +415,10 @@ impl Bitrix {
         }
     }
 
-    /// Keeps Bitrix24's `time.operating` for the method, so operators can see how
-    /// close a portal is to its execution-time budget.
-    async fn record_operating(&self, member_id: &str, method: &str, answer: &Answer) {
-        let Some(time) = &answer.time else { return };
+    /// Keeps Bitrix24's `time.operating` for the method, so calls slow down before
+    /// the method's execution-time budget is spent (see `check_method_pause`).
+    /// `time` is an answer's `time` block, or a batch command's `result_time` entry.
+    pub async fn record_operating(&self, member_id: &str, method: &str, time: &Value) {
         let operating = time.get("operating").and_then(Value::as_f64);
         let reset = time.get("operating_reset_at").and_then(Value::as_f64);
         let (Some(operating), Some(reset)) = (operating, reset) else {

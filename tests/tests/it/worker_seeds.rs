@@ -103,6 +103,22 @@ async fn deal_recurring_seed_stores_the_new_deal_and_its_template() {
         .map(|c| c.method.as_str())
         .collect();
     assert_eq!(requests, ["batch"]);
+    // Each method's execution time, from the batch's result_time, is kept.
+    let operating: f64 = p
+        .db_client()
+        .await
+        .query_one(
+            "SELECT operating FROM method_budgets WHERE member_id = $1 AND method = 'crm.deal.get'",
+            &[&SEED_MEMBER],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(operating > 0.0);
+    assert!(
+        (operating - p.portal.operating("crm.deal.get")).abs() < 1e-6,
+        "{operating}"
+    );
     p.finish().await;
 }
 
