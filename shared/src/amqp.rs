@@ -140,13 +140,31 @@ impl Topology {
     }
 }
 
+/// Largest AMQP frame we ask for unless `AMQP_URL` says otherwise. lapin keeps two
+/// zero-filled buffers of 32 frames each, and RabbitMQ's default of 128 KiB makes
+/// them 8 MiB of resident memory; our messages are about 1 KiB, and a larger one is
+/// simply split into more frames.
+pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
 /// Connects with lapin's auto-recovery: after a network error the connection, the
 /// channels, their topology and confirm mode are re-established by lapin itself.
 pub async fn connect(config: &AmqpConfig, name: &str) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default()
         .with_connection_name(name.into())
         .enable_auto_recover();
-    Connection::connect(config.url.expose(), props).await
+    let mut uri: lapin::uri::AMQPUri = config
+        .url
+        .expose()
+        .parse()
+        // The parser's message names the part that is wrong; it may echo the URL,
+        // which holds the password, so it is not passed on.
+        .map_err(|_| {
+            lapin::Error::from(std::io::Error::other("AMQP_URL is not a valid AMQP URI"))
+        })?;
+    if uri.query.frame_max.is_none() {
+        uri.query.frame_max = Some(DEFAULT_FRAME_MAX);
+    }
+    Connection::connect_uri(uri, props).await
 }
 
 #[derive(Debug, thiserror::Error)]
