@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod broker;
+pub mod demo;
 pub mod fixtures;
 pub mod http;
 pub mod phpform;

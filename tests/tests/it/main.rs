@@ -3,6 +3,7 @@
 //! AMQP_PREFIX and database.
 
 mod client_limits;
+mod demo;
 mod ingress_broker_outage;
 mod ingress_rejects;
 mod ingress_seeds;
