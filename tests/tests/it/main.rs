@@ -8,5 +8,6 @@ mod ingress_broker_outage;
 mod ingress_rejects;
 mod ingress_seeds;
 mod ingress_shutdown;
+mod metrics_coverage;
 mod worker_failures;
 mod worker_seeds;
