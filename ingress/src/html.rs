@@ -19,6 +19,10 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+const INSTALL_SCRIPT: &str = "<script>BX24.init(function(){\
+var handler=new URL('events',location.href.split('?')[0]).href;\
+BX24.callBind('ONAPPINSTALL',handler,0,function(){BX24.installFinish();});});</script>";
+
 fn page(lang: &str, title: &str, body: &str, script: &str) -> String {
     let mut html = String::with_capacity(512 + body.len());
     let _ = write!(
@@ -45,18 +49,17 @@ pub fn placement_page(lang: &str, placement: &str, item_id: Option<u64>, domain:
     page(lang, "b24-pipeline", &body, "")
 }
 
-/// The install page: finishing the installation is the page's job in Bitrix24.
+/// The install page. Before finishing the installation it binds `ONAPPINSTALL` to
+/// our `/events` (resolved from the page's own address, so a path prefix behind a
+/// proxy is kept): that event, sent after `installFinish`, is the only message that
+/// carries the portal's `application_token`, without which the worker cannot verify
+/// the portal's later events.
 pub fn install_page(lang: &str, domain: &str) -> String {
     let body = format!(
         "<p>b24-pipeline is being installed on {}.</p>",
         escape(domain)
     );
-    page(
-        lang,
-        "b24-pipeline installation",
-        &body,
-        "<script>BX24.init(function(){BX24.installFinish();});</script>",
-    )
+    page(lang, "b24-pipeline installation", &body, INSTALL_SCRIPT)
 }
 
 #[cfg(test)]
@@ -82,6 +85,8 @@ mod tests {
             assert!(!html.contains("\"><img"), "{html}");
             assert!(html.contains("&quot;&gt;&lt;img"), "{html}");
         }
-        assert!(install_page("en", "a.bitrix24.com").contains("BX24.installFinish()"));
+        let install = install_page("en", "a.bitrix24.com");
+        assert!(install.contains("BX24.callBind('ONAPPINSTALL'"));
+        assert!(install.contains("BX24.installFinish()"));
     }
 }
