@@ -46,6 +46,16 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exposed() {
     let p = Pipeline::start("metrics", 1, &[("B24_RETRY_ATTEMPTS", "1")]).await;
     p.install_seed_portal().await;
     p.post("/events", &fixtures::deal_recurring_expose()).await;
+    // Settled first, so the injected 500 below hits the requisite, not this batch.
+    assert!(
+        p.wait_events(
+            "ONCRMDEALRECURRINGEXPOSE",
+            "done",
+            1,
+            Duration::from_secs(30)
+        )
+        .await
+    );
     let _ = p.ingress.http.post("/events", Some(FORM), "event=").await;
     let mut forged = fixtures::requisite_add_numbered(1);
     forged["auth"]["application_token"] = json!("00000000000000000000000000000000");
