@@ -1,0 +1,144 @@
+//! The real `ingress` binary, sent a real SIGTERM under load: every event that got a
+//! 200 is in the queue, and the process exits cleanly.
+
+use b24_shared::amqp::Topology;
+use b24_shared::Envelope;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::{Connection, ConnectionProperties};
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BODY: &str = "event=ONCRMREQUISITEADD&data%5BFIELDS%5D%5BID%5D=27&ts=1466439714\
+&auth%5Bdomain%5D=some-domain.bitrix24.com&auth%5Bmember_id%5D=a223c6b3710f85df22e9377d6c4f7553\
+&auth%5Bapplication_token%5D=51856fefc120afa4b628cc82d3935cce";
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn sigterm_under_load_keeps_every_acknowledged_event() {
+    let prefix = format!("t-sigterm-bin-{}", uuid::Uuid::now_v7().simple());
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ingress"))
+        .env("AMQP_PREFIX", &prefix)
+        .env("AMQP_URL", amqp_url())
+        .env("INGRESS_ADDR", format!("127.0.0.1:{port}"))
+        .env("DATABASE_URL", "off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ingress starts");
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let base = format!("http://127.0.0.1:{port}");
+
+    // Ready: connected to the broker.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let req = http::Request::get(format!("{base}/readyz"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        if let Ok(r) = client.request(req).await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "ingress ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let client = client.clone();
+        let url = format!("{base}/events");
+        tasks.push(tokio::spawn(async move {
+            let mut ok = Vec::new();
+            for _ in 0..100_000 {
+                let req = http::Request::post(&url)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(Full::new(Bytes::from_static(BODY.as_bytes())))
+                    .unwrap();
+                let Ok(resp) = client.request(req).await else {
+                    break;
+                };
+                let status = resp.status();
+                let Ok(body) = resp.into_body().collect().await else {
+                    break;
+                };
+                if status == 200 {
+                    let v: serde_json::Value = serde_json::from_slice(&body.to_bytes()).unwrap();
+                    ok.push(v["id"].as_str().unwrap().to_string());
+                } else {
+                    assert!(!status.is_success());
+                }
+            }
+            ok
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "clean exit after SIGTERM: {exit:?}");
+
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert!(acked.len() > 10, "the load ran: {}", acked.len());
+
+    let topo = Topology::new(prefix);
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut queued = HashSet::new();
+    while let Some(m) = ch
+        .basic_get(
+            topo.work_queue().as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        queued.insert(
+            Envelope::from_json(&m.delivery.data)
+                .unwrap()
+                .id
+                .to_string(),
+        );
+    }
+    let missing = acked.iter().filter(|id| !queued.contains(*id)).count();
+    let mut names = vec![topo.work_queue(), topo.dead_letter_queue()];
+    names.extend((0..b24_shared::amqp::RETRY_DELAYS.len()).map(|i| topo.delay_queue(i)));
+    for q in names {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = ch
+        .exchange_delete(topo.exchange().as_str().into(), Default::default())
+        .await;
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} acknowledged events lost",
+        acked.len()
+    );
+}
