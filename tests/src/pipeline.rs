@@ -1,8 +1,6 @@
 //! The whole pipeline in one test: the real ingress and worker apps in-process, a
 //! fresh PostgreSQL database, a fresh AMQP_PREFIX, and a simulated portal.
 
-use crate::http::FORM;
-use crate::phpform::http_build_query;
 use crate::portal::{PortalConfig, SimPortal};
 use crate::spawn::{eventually, TestIngress};
 use b24_shared::config::WorkerConfig;
@@ -212,12 +210,7 @@ impl Pipeline {
 
     /// Posts an event to the ingress, form-encoded as Bitrix24 does; asserts the 200.
     pub async fn post(&self, path: &str, payload: &Value) {
-        let a = self
-            .ingress
-            .http
-            .post(path, Some(FORM), http_build_query(payload))
-            .await
-            .expect("ingress answers");
+        let a = self.ingress.post_form(path, payload).await;
         assert_eq!(a.status, 200, "{path}: {}", a.body);
     }
 

@@ -99,6 +99,18 @@ impl TestIngress {
         }
     }
 
+    /// POSTs `payload` form-encoded, as Bitrix24 (PHP) does.
+    pub async fn post_form(&self, path: &str, payload: &serde_json::Value) -> crate::http::Answer {
+        self.http
+            .post(
+                path,
+                Some(crate::http::FORM),
+                crate::phpform::http_build_query(payload),
+            )
+            .await
+            .expect("ingress answers")
+    }
+
     pub async fn work_messages(&self) -> Vec<b24_shared::Envelope> {
         crate::broker::drain(&self.topology.work_queue())
             .await

@@ -114,14 +114,8 @@ async fn broker_connection_closed_under_load_gives_503s_never_a_false_200_and_re
     .await;
     assert!(ready.is_some(), "ingress reconnected");
     let a = ingress
-        .http
-        .post(
-            "/events",
-            Some(FORM),
-            http_build_query(&fixtures::requisite_add()),
-        )
-        .await
-        .unwrap();
+        .post_form("/events", &fixtures::requisite_add())
+        .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     let m = ingress.metrics().await;
     assert!(
@@ -140,14 +134,9 @@ async fn broker_unreachable_gives_503_with_retry_after_and_not_ready() {
     )
     .await;
     let http = &ingress.http;
-    let a = http
-        .post(
-            "/events",
-            Some(FORM),
-            http_build_query(&fixtures::requisite_add()),
-        )
-        .await
-        .unwrap();
+    let a = ingress
+        .post_form("/events", &fixtures::requisite_add())
+        .await;
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.body);
     assert_eq!(a.headers["retry-after"], "5");
     assert!(a.body.contains("could not be made durable"), "{}", a.body);

@@ -143,11 +143,7 @@ async fn reasons_never_echo_tokens() {
     let ingress = TestIngress::spawn("noecho", &[]).await;
     let mut bad = fixtures::deal_recurring_expose();
     bad["auth"]["member_id"] = "s6p6eclrvim6da22ft9ch94ekreb52lv!!".into();
-    let a = ingress
-        .http
-        .post("/events", Some(FORM), http_build_query(&bad))
-        .await
-        .unwrap();
+    let a = ingress.post_form("/events", &bad).await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     assert!(!a.body.contains("s6p6ecl"), "{}", a.body);
     ingress.finish().await;

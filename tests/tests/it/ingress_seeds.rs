@@ -70,11 +70,7 @@ async fn placement_answers_an_escaped_html_page_after_queueing() {
     let ingress = TestIngress::spawn("placement", &[]).await;
     let mut call = fixtures::placements()[1].clone();
     call["DOMAIN"] = Value::String("<script>alert(1)</script>.bitrix24.com".into());
-    let a = ingress
-        .http
-        .post("/placement", Some(FORM), http_build_query(&call))
-        .await
-        .unwrap();
+    let a = ingress.post_form("/placement", &call).await;
     assert_eq!(a.status, StatusCode::OK);
     assert!(a.headers["content-type"]
         .to_str()
@@ -98,14 +94,11 @@ async fn install_page_finishes_installation_after_queueing() {
         obj.remove(k);
     }
     let a = ingress
-        .http
-        .post(
+        .post_form(
             "/install?DOMAIN=some-domain.bitrix24.com&PROTOCOL=1&LANG=en&APP_SID=abc",
-            Some(FORM),
-            http_build_query(&body),
+            &body,
         )
-        .await
-        .unwrap();
+        .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     assert!(a.body.contains("BX24.installFinish()"));
     let got = ingress.work_messages().await;
@@ -127,12 +120,9 @@ async fn health_readiness_and_metrics_are_served() {
         ingress.http.get("/readyz").await.unwrap().status,
         StatusCode::OK
     );
-    let body = http_build_query(&fixtures::requisite_add());
     ingress
-        .http
-        .post("/events", Some(FORM), body)
-        .await
-        .unwrap();
+        .post_form("/events", &fixtures::requisite_add())
+        .await;
     ingress
         .http
         .post("/events", Some("text/plain"), "x")
@@ -171,14 +161,8 @@ async fn events_are_accepted_when_the_portals_database_is_unreachable() {
     )
     .await;
     let a = ingress
-        .http
-        .post(
-            "/events",
-            Some(FORM),
-            http_build_query(&fixtures::requisite_add()),
-        )
-        .await
-        .unwrap();
+        .post_form("/events", &fixtures::requisite_add())
+        .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     assert_eq!(ingress.work_messages().await.len(), 1);
     ingress.finish().await;

@@ -33,16 +33,7 @@ async fn forged_application_token_is_refused_at_the_edge_and_not_queued() {
     p.install_seed_portal().await;
     let mut forged = fixtures::requisite_add();
     forged["auth"]["application_token"] = json!("00000000000000000000000000000000");
-    let a = p
-        .ingress
-        .http
-        .post(
-            "/events",
-            Some(b24_tests::http::FORM),
-            b24_tests::phpform::http_build_query(&forged),
-        )
-        .await
-        .unwrap();
+    let a = p.ingress.post_form("/events", &forged).await;
     assert_eq!(a.status, 401, "{}", a.body);
     assert!(a.body.contains("application_token"), "{}", a.body);
     assert!(
