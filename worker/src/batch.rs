@@ -44,11 +44,6 @@ impl Batcher {
     /// Runs a plan's calls (stored tokens), batched with other plans of its portal;
     /// returns each call's `result` in order.
     pub async fn run(self: &Arc<Self>, plan: &Plan) -> Result<Vec<Value>, Failure> {
-        for f in &plan.fetches {
-            self.bitrix
-                .check_method_pause(&plan.member_id, f.method)
-                .await?;
-        }
         if self.max == 1 || plan.fetches.len() > self.max {
             let mut out = Vec::with_capacity(plan.fetches.len());
             for f in &plan.fetches {
@@ -59,6 +54,13 @@ impl Batcher {
                 out.push(a.result);
             }
             return Ok(out);
+        }
+        // Bitrix::call checks the pause of the method it calls, which for a batch is
+        // `batch`: the methods inside are checked here.
+        for f in &plan.fetches {
+            self.bitrix
+                .check_method_pause(&plan.member_id, f.method)
+                .await?;
         }
         let (reply, answer) = oneshot::channel();
         let mut job = Job {
