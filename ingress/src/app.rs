@@ -37,10 +37,14 @@ impl App {
             &format!("b24-ingress/{}", config.amqp.prefix),
             stop_rx,
         );
+        let metrics = IngressMetrics::default();
         let state = Arc::new(State {
             publisher,
-            portals: crate::portals::PortalCache::new(config.database_url.as_ref()),
-            metrics: IngressMetrics::default(),
+            portals: crate::portals::PortalCache::new(
+                config.database_url.as_ref(),
+                metrics.portal_lookups.clone(),
+            ),
+            metrics,
             limits: FormLimits::default(),
             body_limit: config.body_limit,
         });

@@ -14,6 +14,9 @@ pub struct IngressMetrics {
     pub rejections: IntCounterVec,
     pub in_flight: IntGauge,
     pub open_connections: IntGauge,
+    /// Reads of the `portals` table on a cache miss, by outcome (`found`, `unknown`,
+    /// `unreachable`).
+    pub portal_lookups: IntCounterVec,
 }
 
 impl Default for IngressMetrics {
@@ -46,6 +49,12 @@ impl Default for IngressMetrics {
             open_connections: register(
                 &registry,
                 IntGauge::new("b24_ingress_open_connections", "Open client connections"),
+            ),
+            portal_lookups: counter_vec(
+                &registry,
+                "b24_ingress_portal_lookups_total",
+                "Reads of the portals table on a token cache miss, by outcome",
+                &["outcome"],
             ),
             registry,
         }

@@ -6,7 +6,10 @@
 
 use b24_shared::db::{self, DbPool};
 use b24_shared::Secret;
+use prometheus::IntCounterVec;
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,8 @@ const BACKOFF: Duration = Duration::from_secs(5);
 const LOOKUP_TIMEOUT: Duration = Duration::from_millis(300);
 /// Entries kept at most; beyond that the cache is cleared (simplest bounded policy).
 const MAX_ENTRIES: usize = 100_000;
+/// Lookups of different portals that may run at once (each member_id maps to one).
+const GATES: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -35,10 +40,17 @@ pub struct PortalCache {
     pool: Option<DbPool>,
     entries: Mutex<HashMap<String, (Option<Secret>, Instant)>>,
     down_until: Mutex<Option<Instant>>,
+    /// Requests that miss the cache together for one portal wait for one lookup
+    /// instead of all asking the database (and, while it is down, all waiting for
+    /// their own timeout).
+    gates: [tokio::sync::Mutex<()>; GATES],
+    gate_of: RandomState,
+    lookups: IntCounterVec,
 }
 
 impl PortalCache {
-    pub fn new(database_url: Option<&Secret>) -> Self {
+    /// `lookups` counts reads of the table by outcome: `found`, `unknown`, `unreachable`.
+    pub fn new(database_url: Option<&Secret>, lookups: IntCounterVec) -> Self {
         let pool = database_url.and_then(|url| match db::pool(url, 4) {
             Ok(p) => Some(p),
             Err(e) => {
@@ -50,6 +62,9 @@ impl PortalCache {
             pool,
             entries: Mutex::new(HashMap::new()),
             down_until: Mutex::new(None),
+            gates: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
+            gate_of: RandomState::new(),
+            lookups,
         }
     }
 
@@ -80,11 +95,17 @@ impl PortalCache {
     /// database could not answer.
     async fn fetch(&self, member_id: &str) -> Option<Option<Secret>> {
         let pool = self.pool.as_ref()?;
-        {
-            let down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
-            if down.is_some_and(|until| Instant::now() < until) {
-                return None;
-            }
+        if self.database_down() {
+            return None;
+        }
+        let gate = (self.gate_of.hash_one(member_id) % GATES as u64) as usize;
+        let _turn = self.gates[gate].lock().await;
+        // Whoever held the gate before may have answered for us.
+        if let Some(stored) = self.cached(member_id) {
+            return Some(stored);
+        }
+        if self.database_down() {
+            return None;
         }
         let lookup = async {
             let client = pool.get().await.ok()?;
@@ -99,6 +120,8 @@ impl PortalCache {
         };
         match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
             Ok(Some(row)) => {
+                let outcome = if row.is_some() { "found" } else { "unknown" };
+                self.lookups.with_label_values(&[outcome]).inc();
                 let token = row.and_then(|r| r.get::<_, Option<String>>(0).map(Secret::new));
                 let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
                 if entries.len() >= MAX_ENTRIES {
@@ -108,6 +131,7 @@ impl PortalCache {
                 Some(token)
             }
             _ => {
+                self.lookups.with_label_values(&["unreachable"]).inc();
                 tracing::warn!(
                     "portals table unreachable; accepting events unverified for {BACKOFF:?}"
                 );
@@ -116,5 +140,89 @@ impl PortalCache {
                 None
             }
         }
+    }
+
+    fn database_down(&self) -> bool {
+        let down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
+        down.is_some_and(|until| Instant::now() < until)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::IngressMetrics;
+    use futures_util::future::join_all;
+
+    fn pg_base() -> String {
+        std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    }
+
+    fn lookups(metrics: &IngressMetrics, outcome: &str) -> u64 {
+        metrics.portal_lookups.with_label_values(&[outcome]).get()
+    }
+
+    /// A database of its own holding one portal with a stored token.
+    async fn database_with_portal(member_id: &str, token: &str) -> (Secret, String) {
+        let name = format!("t_portals_{}", uuid::Uuid::now_v7().simple());
+        let url = Secret::new(format!("{}/{name}", pg_base()));
+        db::create_database_if_missing(&url).await.unwrap();
+        let pool = db::pool(&url, 1).unwrap();
+        db::migrate(&pool).await.unwrap();
+        pool.get()
+            .await
+            .unwrap()
+            .execute(
+                "INSERT INTO portals (member_id, domain, client_endpoint, application_token)
+                 VALUES ($1, 'p.bitrix24.com', 'https://p.bitrix24.com/rest/', $2)",
+                &[&member_id, &token],
+            )
+            .await
+            .unwrap();
+        (url, name)
+    }
+
+    async fn drop_database(name: &str) {
+        let admin = Secret::new(format!("{}/postgres", pg_base()));
+        let client = db::pool(&admin, 1).unwrap().get().await.unwrap();
+        let _ = client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await;
+    }
+
+    #[tokio::test]
+    async fn requests_that_miss_together_share_one_lookup() {
+        let (url, name) = database_with_portal("m1", "right").await;
+        let metrics = IngressMetrics::default();
+        let cache = PortalCache::new(Some(&url), metrics.portal_lookups.clone());
+
+        let verdicts = join_all((0..32).map(|_| cache.verify("m1", "right"))).await;
+        assert!(
+            verdicts.iter().all(|v| *v == Verdict::Genuine),
+            "{verdicts:?}"
+        );
+        assert_eq!(cache.verify("m1", "forged").await, Verdict::Forged);
+        assert_eq!(lookups(&metrics, "found"), 1, "33 verifications, one read");
+
+        let unknown = join_all((0..32).map(|_| cache.verify("m2", "any"))).await;
+        assert!(unknown.iter().all(|v| *v == Verdict::Unverified));
+        assert_eq!(lookups(&metrics, "unknown"), 1);
+        drop(cache);
+        drop_database(&name).await;
+    }
+
+    #[tokio::test]
+    async fn a_missing_database_is_asked_once_then_left_alone() {
+        let name = format!("t_portals_missing_{}", uuid::Uuid::now_v7().simple());
+        let url = Secret::new(format!("{}/{name}", pg_base()));
+        let metrics = IngressMetrics::default();
+        let cache = PortalCache::new(Some(&url), metrics.portal_lookups.clone());
+
+        let verdicts = join_all((0..32).map(|_| cache.verify("m1", "any"))).await;
+        assert!(verdicts.iter().all(|v| *v == Verdict::Unverified));
+        assert_eq!(lookups(&metrics, "unreachable"), 1);
+        // Within the back-off, other portals do not ask either.
+        assert_eq!(cache.verify("m2", "any").await, Verdict::Unverified);
+        assert_eq!(lookups(&metrics, "unreachable"), 1);
     }
 }
