@@ -7,11 +7,16 @@
 #   d) the ingress's RSS while 1,000 idle keep-alive connections are open.
 # Loadgen, ingress and broker share this machine's cores, so each run also prints the
 # cores each of them used, and the run starts by checking nothing else is busy.
-# Everything stays on 127.0.0.1. The ingress gets a unique AMQP_PREFIX whose queues are
-# purged between runs and deleted at the end, so the broker does not fill up.
+# With PIN=1 the broker gets the last core to itself and everything else (ingress, load
+# generator, bare publisher) runs on the others, as when RabbitMQ has a host of its own;
+# the broker's own CPU affinity is put back when the script ends.
+# Everything stays on 127.0.0.1. Each step runs against a fresh queue: the bare publisher
+# and every ingress started here get a unique AMQP_PREFIX whose queues are deleted after
+# the step, so the broker does not fill up.
 #
 # usage: bash tests/bench/ingress.sh
 # knobs (environment): WINDOW=32 DURATION=10 WARMUP=2 IDLE=1000 IDLE_HOLD=5 QUIET_WAIT=120 SETTLE=5
+#                       PIN=0
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -24,6 +29,7 @@ IDLE=${IDLE:-1000}
 IDLE_HOLD=${IDLE_HOLD:-5}
 QUIET_WAIT=${QUIET_WAIT:-120}
 SETTLE=${SETTLE:-5}
+PIN=${PIN:-0}
 
 # Each idle connection costs a descriptor at both of its ends, and both are here.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -35,9 +41,26 @@ fi
 cargo build --release -p b24-ingress -p b24-tests --bins
 BIN=${CARGO_TARGET_DIR:-target}/release
 
-PREFIX="bench-$(date +%s)-$$"
+PREFIX_BASE="bench-$(date +%s)-$$"
+PREFIX=
+PREFIXES=()
 WORK=$(mktemp -d)
 INGRESS_PID=
+BROKER_PID=$(pgrep -xo beam.smp || true)
+BROKER_MASK=
+# Prefix of every command the script starts: empty, or a taskset that keeps it off the
+# broker's core.
+RUN=()
+LAYOUT="all processes share all $(nproc) cores"
+if ((PIN)); then
+    LAST=$(($(nproc) - 1))
+    if ((LAST < 1)) || [[ -z $BROKER_PID ]]; then
+        echo "ingress.sh: PIN=1 needs 2 cores and a local broker (beam.smp)" >&2
+        exit 1
+    fi
+    RUN=(taskset -c "0-$((LAST - 1))")
+    LAYOUT="broker pinned to core $LAST; ingress and clients on cores 0-$((LAST - 1))"
+fi
 
 cleanup() {
     if [[ -n $INGRESS_PID ]] && kill -0 "$INGRESS_PID" 2>/dev/null; then
@@ -45,11 +68,21 @@ cleanup() {
         wait "$INGRESS_PID" 2>/dev/null || true
     fi
     # After the ingress stopped, so it cannot declare them again.
-    "$BIN/bare_publisher" --cleanup "$PREFIX" >/dev/null ||
-        echo "ingress.sh: could not delete the queues of $PREFIX" >&2
+    for p in "${PREFIXES[@]}"; do
+        "$BIN/bare_publisher" --cleanup "$p" >/dev/null ||
+            echo "ingress.sh: could not delete the queues of $p" >&2
+    done
+    if [[ -n $BROKER_MASK ]]; then
+        taskset -a -p "$BROKER_MASK" "$BROKER_PID" >/dev/null ||
+            echo "ingress.sh: could not give the broker back its cores (mask $BROKER_MASK)" >&2
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+if ((PIN)); then
+    BROKER_MASK=$(taskset -p "$BROKER_PID" | awk '{ print $NF }')
+    taskset -a -p -c "$LAST" "$BROKER_PID" >/dev/null
+fi
 
 TICK=$(getconf CLK_TCK)
 # CPU time a process has used, in clock ticks (0 once it is gone).
@@ -74,40 +107,49 @@ while ((BUSY > 10 && SECONDS < QUIET_BY)); do
     BUSY=$(busy_pct)
 done
 
+# Starts an ingress under a prefix of its own, so each measured step publishes to a
+# fresh queue, as the bare publisher does: a quorum queue that was just purged of
+# 100,000+ messages stalls publishes for most of a second while it compacts its log.
 # The kernel picks the port (INGRESS_ADDR port 0); the ingress logs the one it got.
-AMQP_PREFIX=$PREFIX INGRESS_ADDR=127.0.0.1:0 RUST_LOG=${RUST_LOG:-info} \
-    "$BIN/ingress" >"$WORK/ingress.log" 2>&1 &
-INGRESS_PID=$!
+start_ingress() {
+    PREFIX="$PREFIX_BASE-$1"
+    PREFIXES+=("$PREFIX")
+    AMQP_PREFIX=$PREFIX INGRESS_ADDR=127.0.0.1:0 RUST_LOG=${RUST_LOG:-info} \
+        "${RUN[@]}" "$BIN/ingress" >"$WORK/ingress.log" 2>&1 &
+    INGRESS_PID=$!
+    ADDR=
+    for _ in $(seq 100); do
+        ADDR=$(grep -m1 -oE '127\.0\.0\.1:[0-9]+' "$WORK/ingress.log" || true)
+        [[ -n $ADDR ]] && break
+        kill -0 "$INGRESS_PID" 2>/dev/null || { cat "$WORK/ingress.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    [[ -n $ADDR ]] || { echo "ingress.sh: the ingress did not report its address" >&2; exit 1; }
+    for _ in $(seq 100); do
+        curl -fsS "http://$ADDR/readyz" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    curl -fsS "http://$ADDR/readyz" >/dev/null || { echo "ingress.sh: ingress not ready" >&2; exit 1; }
+    echo "ingress.sh: ingress pid $INGRESS_PID on $ADDR, prefix $PREFIX, broker pid ${BROKER_PID:-not local}"
+}
 
-ADDR=
-for _ in $(seq 100); do
-    ADDR=$(grep -m1 -oE '127\.0\.0\.1:[0-9]+' "$WORK/ingress.log" || true)
-    [[ -n $ADDR ]] && break
-    kill -0 "$INGRESS_PID" 2>/dev/null || { cat "$WORK/ingress.log" >&2; exit 1; }
-    sleep 0.1
-done
-[[ -n $ADDR ]] || { echo "ingress.sh: the ingress did not report its address" >&2; exit 1; }
-for _ in $(seq 100); do
-    curl -fsS "http://$ADDR/readyz" >/dev/null 2>&1 && break
-    sleep 0.1
-done
-curl -fsS "http://$ADDR/readyz" >/dev/null || { echo "ingress.sh: ingress not ready" >&2; exit 1; }
-BROKER_PID=$(pgrep -xo beam.smp || true)
-echo "ingress.sh: ingress pid $INGRESS_PID on $ADDR, prefix $PREFIX, broker pid ${BROKER_PID:-not local}"
+# Stops the ingress, deletes its queues, lets the broker settle.
+stop_ingress() {
+    kill -TERM "$INGRESS_PID"
+    wait "$INGRESS_PID" 2>/dev/null || true
+    INGRESS_PID=
+    "$BIN/bare_publisher" --cleanup "$PREFIX" >/dev/null
+    settle
+}
 
+echo "ingress.sh: $LAYOUT"
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$INGRESS_PID/status"; }
 # Figures from a summary line: the rate after "= ", a latency after its label, failures.
 rate_of() { sed -nE 's/.* = ([0-9.]+) [a-z]+\/s;.*/\1/p' "$1" | tail -1; }
 stat_of() { sed -nE "s/.* $2 ([0-9.]+) ms.*/\1/p" "$1" | tail -1; }
 failed_of() { sed -nE 's/.* ([0-9]+) failed in .*/\1/p' "$1" | tail -1; }
-# Empties the ingress's queue between runs, then lets the broker settle: right after a
-# quorum queue drops 100,000 messages it stalls publishes for most of a second, which
-# would land in the next run's percentiles.
+# Lets the broker settle after a queue of 100,000+ messages was deleted.
 settle() { sleep "$SETTLE"; }
-purge() {
-    "$BIN/bare_publisher" --purge "$PREFIX"
-    settle
-}
 
 # Runs one benchmark client into $1 and, over its measured part (after the warm-up),
 # records the cores used by the client, the ingress, the broker and the whole machine.
@@ -136,30 +178,27 @@ measured() {
 }
 cpu_of() { sed -n 's/^cpu: //p' "$1"; }
 
-RSS_START=$(rss_kib)
-
 echo "== a) broker ceiling: bare_publisher --window $WINDOW"
-measured "$WORK/bare.txt" "$BIN/bare_publisher" --window "$WINDOW" --duration "$DURATION" --warmup "$WARMUP"
+measured "$WORK/bare.txt" "${RUN[@]}" "$BIN/bare_publisher" --window "$WINDOW" --duration "$DURATION" --warmup "$WARMUP"
 settle # it deleted its full queue
 
 echo "== b) ingress, closed loop: loadgen --connections $WINDOW"
-measured "$WORK/max.txt" "$BIN/loadgen" --target "$ADDR" --connections "$WINDOW" \
+start_ingress b
+measured "$WORK/max.txt" "${RUN[@]}" "$BIN/loadgen" --target "$ADDR" --connections "$WINDOW" \
     --duration "$DURATION" --warmup "$WARMUP"
-purge
+stop_ingress
 
 MAX_RATE=$(rate_of "$WORK/max.txt")
 HALF_RATE=$(awk -v r="$MAX_RATE" 'BEGIN { printf "%.1f", r / 2 }')
 echo "== c) ingress, open loop at half of b): loadgen --rate $HALF_RATE"
-measured "$WORK/half.txt" "$BIN/loadgen" --target "$ADDR" --connections "$WINDOW" \
+start_ingress c
+RSS_START=$(rss_kib)
+measured "$WORK/half.txt" "${RUN[@]}" "$BIN/loadgen" --target "$ADDR" --connections "$WINDOW" \
     --rate "$HALF_RATE" --duration "$DURATION" --warmup "$WARMUP"
-purge
-echo "== c') broker alone at that rate: bare_publisher --rate $HALF_RATE"
-measured "$WORK/bare_half.txt" "$BIN/bare_publisher" --window "$WINDOW" --rate "$HALF_RATE" \
-    --duration "$DURATION" --warmup "$WARMUP"
 
-echo "== d) ingress RSS with $IDLE idle keep-alive connections: loadgen --idle $IDLE"
+echo "== d) the same ingress's RSS with $IDLE idle keep-alive connections: loadgen --idle $IDLE"
 RSS_IDLE=$(rss_kib)
-"$BIN/loadgen" --target "$ADDR" --idle "$IDLE" --duration "$IDLE_HOLD" >"$WORK/idle.txt" &
+"${RUN[@]}" "$BIN/loadgen" --target "$ADDR" --idle "$IDLE" --duration "$IDLE_HOLD" >"$WORK/idle.txt" &
 IDLE_PID=$!
 for _ in $(seq 300); do
     grep -q 'idle connections open' "$WORK/idle.txt" && break
@@ -177,7 +216,11 @@ OPEN_NOW=$(ss -Htn state established "( sport = :${ADDR##*:} )" 2>/dev/null | wc
 wait "$IDLE_PID"
 cat "$WORK/idle.txt"
 echo "ingress.sh: established connections to the ingress while sampling: $OPEN_NOW"
-purge
+stop_ingress
+
+echo "== c') broker alone at c)'s rate: bare_publisher --rate $HALF_RATE"
+measured "$WORK/bare_half.txt" "${RUN[@]}" "$BIN/bare_publisher" --window "$WINDOW" --rate "$HALF_RATE" \
+    --duration "$DURATION" --warmup "$WARMUP"
 
 BARE_RATE=$(rate_of "$WORK/bare.txt")
 RATIO=$(awk -v i="$MAX_RATE" -v b="$BARE_RATE" 'BEGIN { printf "%.2f", (b > 0 ? i / b : 0) }')
@@ -191,6 +234,7 @@ line() { # label, file, unit word
 cat <<EOF
 
 == summary ($(date -u +%Y-%m-%dT%H:%MZ))
+layout: $LAYOUT
 machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo); ${BUSY}% busy just before the run
 in-flight window $WINDOW; each run measured ${DURATION} s after ${WARMUP} s of warm-up
 $(line "a)  broker ceiling (bare_publisher)" "$WORK/bare.txt" msgs)
