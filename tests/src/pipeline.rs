@@ -199,6 +199,12 @@ impl Pipeline {
         p
     }
 
+    /// The environment an in-process worker gets; a `worker` binary started with it
+    /// joins the same pipeline.
+    pub fn worker_env(&self) -> &HashMap<String, String> {
+        &self.worker_env
+    }
+
     pub async fn add_worker(&mut self) {
         let env = self.worker_env.clone();
         let config = WorkerConfig::from_lookup(&|k| env.get(k).cloned()).expect("worker config");
