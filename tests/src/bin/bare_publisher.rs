@@ -4,15 +4,15 @@
 //! ingress would publish, `--window` publishes awaiting their confirm at once on one
 //! channel: as N HTTP connections each wait for their confirm on the ingress's channel.
 //!
-//! Also two chores for the bench script: `--purge PREFIX` empties a prefix's work
-//! queue between runs, `--cleanup PREFIX` deletes its queues and exchange.
+//! Also a chore for the bench script: `--cleanup PREFIX` deletes a prefix's queues and
+//! exchange after each step.
 
 use anyhow::Context;
 use b24_shared::amqp::Topology;
 use b24_tests::bench::{self, Flags, Schedule, Tally, Window};
 use b24_tests::broker;
 use futures_util::future::join_all;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use std::sync::Arc;
@@ -20,14 +20,13 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: bare_publisher [--window N] [--duration SECS] [--warmup SECS] \
 [--rate MSGS_PER_SEC] [--prefix PREFIX] [--threads N]
-       bare_publisher --purge PREFIX | --cleanup PREFIX
+       bare_publisher --cleanup PREFIX
   --window    publishes awaiting their confirm at once (default 32)
   --duration  measured seconds (default 10)
   --warmup    seconds run first and not counted (default 2)
   --rate      open loop: total messages/s spread over the window, latency from when due
   --prefix    AMQP prefix of its own topology (default a unique one); deleted at the end
   --threads   runtime worker threads (default 1)
-  --purge     empty PREFIX's work queue and exit
   --cleanup   delete PREFIX's queues and exchange and exit
 AMQP_URL as for the ingress.";
 
@@ -143,24 +142,11 @@ async fn measure(
     Ok(())
 }
 
-async fn purge(prefix: &str) -> anyhow::Result<()> {
-    let queue = Topology::new(prefix).work_queue();
-    let connection = broker::connect().await?;
-    let channel = connection.create_channel().await?;
-    let purged = channel
-        .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
-        .await
-        .with_context(|| format!("purging {queue}"))?;
-    let _ = connection.close(200, "done".into()).await;
-    println!("bare_publisher: purged {purged} messages from {queue}");
-    Ok(())
-}
-
 fn main() -> anyhow::Result<()> {
     let flags = Flags::parse(
         std::env::args().skip(1),
         &[
-            "window", "duration", "warmup", "rate", "prefix", "threads", "purge", "cleanup",
+            "window", "duration", "warmup", "rate", "prefix", "threads", "cleanup",
         ],
         USAGE,
     )
@@ -171,7 +157,6 @@ fn main() -> anyhow::Result<()> {
     let rate: Option<f64> = flags.opt("rate")?;
     let threads: usize = flags.get("threads", 1)?;
     let prefix: String = flags.get("prefix", b24_tests::spawn::unique_prefix("bare"))?;
-    let purge_prefix: Option<String> = flags.opt("purge")?;
     let cleanup_prefix: Option<String> = flags.opt("cleanup")?;
     anyhow::ensure!(in_flight > 0, "--window must be at least 1");
     anyhow::ensure!(
@@ -180,9 +165,6 @@ fn main() -> anyhow::Result<()> {
     );
 
     bench::runtime(threads)?.block_on(async move {
-        if let Some(prefix) = purge_prefix {
-            return purge(&prefix).await;
-        }
         if let Some(prefix) = cleanup_prefix {
             broker::delete_topology(&prefix).await?;
             println!("bare_publisher: deleted the queues and exchange of {prefix}");
