@@ -95,12 +95,10 @@ impl PortalCache {
     /// database could not answer.
     async fn fetch(&self, member_id: &str) -> Option<Option<Secret>> {
         let pool = self.pool.as_ref()?;
-        if self.database_down() {
-            return None;
-        }
         let gate = (self.gate_of.hash_one(member_id) % GATES as u64) as usize;
         let _turn = self.gates[gate].lock().await;
-        // Whoever held the gate before may have answered for us.
+        // Whoever held the gate before may have answered for us, or found the
+        // database down.
         if let Some(stored) = self.cached(member_id) {
             return Some(stored);
         }
@@ -152,20 +150,17 @@ impl PortalCache {
 mod tests {
     use super::*;
     use crate::IngressMetrics;
+    use b24_tests::pipeline::TestDb;
     use futures_util::future::join_all;
-
-    fn pg_base() -> String {
-        std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-    }
 
     fn lookups(metrics: &IngressMetrics, outcome: &str) -> u64 {
         metrics.portal_lookups.with_label_values(&[outcome]).get()
     }
 
     /// A database of its own holding one portal with a stored token.
-    async fn database_with_portal(member_id: &str, token: &str) -> (Secret, String) {
-        let name = format!("t_portals_{}", uuid::Uuid::now_v7().simple());
-        let url = Secret::new(format!("{}/{name}", pg_base()));
+    async fn database_with_portal(member_id: &str, token: &str) -> (TestDb, Secret) {
+        let test_db = TestDb::new("portals");
+        let url = Secret::new(test_db.url.clone());
         db::create_database_if_missing(&url).await.unwrap();
         let pool = db::pool(&url, 1).unwrap();
         db::migrate(&pool).await.unwrap();
@@ -179,20 +174,12 @@ mod tests {
             )
             .await
             .unwrap();
-        (url, name)
-    }
-
-    async fn drop_database(name: &str) {
-        let admin = Secret::new(format!("{}/postgres", pg_base()));
-        let client = db::pool(&admin, 1).unwrap().get().await.unwrap();
-        let _ = client
-            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .await;
+        (test_db, url)
     }
 
     #[tokio::test]
     async fn requests_that_miss_together_share_one_lookup() {
-        let (url, name) = database_with_portal("m1", "right").await;
+        let (test_db, url) = database_with_portal("m1", "right").await;
         let metrics = IngressMetrics::default();
         let cache = PortalCache::new(Some(&url), metrics.portal_lookups.clone());
 
@@ -208,13 +195,13 @@ mod tests {
         assert!(unknown.iter().all(|v| *v == Verdict::Unverified));
         assert_eq!(lookups(&metrics, "unknown"), 1);
         drop(cache);
-        drop_database(&name).await;
+        test_db.drop_db().await;
     }
 
     #[tokio::test]
     async fn a_missing_database_is_asked_once_then_left_alone() {
-        let name = format!("t_portals_missing_{}", uuid::Uuid::now_v7().simple());
-        let url = Secret::new(format!("{}/{name}", pg_base()));
+        // Named, never created.
+        let url = Secret::new(TestDb::new("portals_missing").url);
         let metrics = IngressMetrics::default();
         let cache = PortalCache::new(Some(&url), metrics.portal_lookups.clone());
 

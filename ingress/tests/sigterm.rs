@@ -2,13 +2,11 @@
 //! 200 is in the queue, and the process exits cleanly.
 
 use b24_shared::amqp::Topology;
-use b24_shared::Envelope;
+use b24_tests::broker;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use lapin::options::{BasicGetOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,10 +15,6 @@ const BODY: &str = "event=ONCRMREQUISITEADD&data%5BFIELDS%5D%5BID%5D=27&ts=14664
 &auth%5Bdomain%5D=some-domain.bitrix24.com&auth%5Bmember_id%5D=a223c6b3710f85df22e9377d6c4f7553\
 &auth%5Bapplication_token%5D=51856fefc120afa4b628cc82d3935cce";
 
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
@@ -28,11 +22,11 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn sigterm_under_load_keeps_every_acknowledged_event() {
-    let prefix = format!("t-sigterm-bin-{}", uuid::Uuid::now_v7().simple());
+    let prefix = b24_tests::spawn::unique_prefix("sigterm-bin");
     let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ingress"))
         .env("AMQP_PREFIX", &prefix)
-        .env("AMQP_URL", amqp_url())
+        .env("AMQP_URL", broker::amqp_url())
         .env("INGRESS_ADDR", format!("127.0.0.1:{port}"))
         .env("DATABASE_URL", "off")
         .stdout(Stdio::null())
@@ -103,38 +97,14 @@ async fn sigterm_under_load_keeps_every_acknowledged_event() {
     }
     assert!(acked.len() > 10, "the load ran: {}", acked.len());
 
-    let topo = Topology::new(prefix);
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let mut queued = HashSet::new();
-    while let Some(m) = ch
-        .basic_get(
-            topo.work_queue().as_str().into(),
-            BasicGetOptions { no_ack: true },
-        )
+    let queued: HashSet<String> = broker::drain(&Topology::new(prefix.as_str()).work_queue())
         .await
         .unwrap()
-    {
-        queued.insert(
-            Envelope::from_json(&m.delivery.data)
-                .unwrap()
-                .id
-                .to_string(),
-        );
-    }
+        .iter()
+        .map(|e| e.id.to_string())
+        .collect();
     let missing = acked.iter().filter(|id| !queued.contains(*id)).count();
-    let mut names = vec![topo.work_queue(), topo.dead_letter_queue()];
-    names.extend((0..b24_shared::amqp::RETRY_DELAYS.len()).map(|i| topo.delay_queue(i)));
-    for q in names {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = ch
-        .exchange_delete(topo.exchange().as_str().into(), Default::default())
-        .await;
+    broker::delete_topology(&prefix).await.unwrap();
     assert_eq!(
         missing,
         0,
