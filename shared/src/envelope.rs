@@ -72,8 +72,13 @@ impl Envelope {
     }
 
     pub fn to_json(&self) -> Vec<u8> {
+        // Sized for a typical event, so the buffer is not regrown on the way.
+        let mut out = Vec::with_capacity(1024);
         // Serializing a struct of strings, a UUID, a timestamp and a Value cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        match serde_json::to_writer(&mut out, self) {
+            Ok(()) => out,
+            Err(_) => Vec::new(),
+        }
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
