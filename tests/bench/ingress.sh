@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Ingress benchmark (see BENCHMARKS.md). Measures, in one run against the local broker:
 #   a) the broker's ceiling: bare_publisher, a lapin publisher with confirms, window W;
+#   a') the HTTP floor: bare_relay (hyper + the ingress's publisher, no decoding), driven
+#      by loadgen closed loop over W keep-alive connections;
 #   b) the ingress at its maximum: loadgen closed loop over W keep-alive connections;
+#   a), a') and b) take turns, ROUNDS times, and the medians are compared, so that a
+#      slow minute of the broker or the machine does not land on one side only;
 #   c) the ingress at half of b)'s rate: loadgen open loop, for its p99, and the bare
 #      publisher at that same rate, for the broker's own p99 there;
 #   d) the ingress's RSS while 1,000 idle keep-alive connections are open.
@@ -15,14 +19,15 @@
 # the step, so the broker does not fill up.
 #
 # usage: bash tests/bench/ingress.sh
-# knobs (environment): WINDOW=32 DURATION=10 WARMUP=2 IDLE=1000 IDLE_HOLD=5 QUIET_WAIT=120 SETTLE=5
-#                       PIN=0
+# knobs (environment): WINDOW=32 DURATION=10 WARMUP=2 ROUNDS=3 IDLE=1000 IDLE_HOLD=5
+#                       QUIET_WAIT=120 SETTLE=5 PIN=0
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
 WINDOW=${WINDOW:-32}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
+ROUNDS=${ROUNDS:-3}
 IDLE=${IDLE:-1000}
 # Shorter than the ingress's header-read timeout (INGRESS_HEADER_TIMEOUT_MS, 10 s),
 # which also closes keep-alive connections left idle that long.
@@ -45,7 +50,7 @@ PREFIX_BASE="bench-$(date +%s)-$$"
 PREFIX=
 PREFIXES=()
 WORK=$(mktemp -d)
-INGRESS_PID=
+SERVER_PID=
 BROKER_PID=$(pgrep -xo beam.smp || true)
 BROKER_MASK=
 # Prefix of every command the script starts: empty, or a taskset that keeps it off the
@@ -63,9 +68,9 @@ if ((PIN)); then
 fi
 
 cleanup() {
-    if [[ -n $INGRESS_PID ]] && kill -0 "$INGRESS_PID" 2>/dev/null; then
-        kill -TERM "$INGRESS_PID"
-        wait "$INGRESS_PID" 2>/dev/null || true
+    if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID"
+        wait "$SERVER_PID" 2>/dev/null || true
     fi
     # After the ingress stopped, so it cannot declare them again.
     for p in "${PREFIXES[@]}"; do
@@ -107,43 +112,44 @@ while ((BUSY > 10 && SECONDS < QUIET_BY)); do
     BUSY=$(busy_pct)
 done
 
-# Starts an ingress under a prefix of its own, so each measured step publishes to a
-# fresh queue, as the bare publisher does: a quorum queue that was just purged of
-# 100,000+ messages stalls publishes for most of a second while it compacts its log.
-# The kernel picks the port (INGRESS_ADDR port 0); the ingress logs the one it got.
-start_ingress() {
+# Starts a server (the ingress, or bare_relay: $2) under a prefix of its own, so each
+# measured step publishes to a fresh queue, as the bare publisher does: a quorum queue
+# that was just purged of 100,000+ messages stalls publishes for most of a second while
+# it compacts its log. The kernel picks the port (INGRESS_ADDR port 0, bare_relay's
+# default); the server logs the one it got.
+start_server() {
     PREFIX="$PREFIX_BASE-$1"
     PREFIXES+=("$PREFIX")
     AMQP_PREFIX=$PREFIX INGRESS_ADDR=127.0.0.1:0 RUST_LOG=${RUST_LOG:-info} \
-        "${RUN[@]}" "$BIN/ingress" >"$WORK/ingress.log" 2>&1 &
-    INGRESS_PID=$!
+        "${RUN[@]}" "$BIN/$2" >"$WORK/ingress.log" 2>&1 &
+    SERVER_PID=$!
     ADDR=
     for _ in $(seq 100); do
         ADDR=$(grep -m1 -oE '127\.0\.0\.1:[0-9]+' "$WORK/ingress.log" || true)
         [[ -n $ADDR ]] && break
-        kill -0 "$INGRESS_PID" 2>/dev/null || { cat "$WORK/ingress.log" >&2; exit 1; }
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/ingress.log" >&2; exit 1; }
         sleep 0.1
     done
-    [[ -n $ADDR ]] || { echo "ingress.sh: the ingress did not report its address" >&2; exit 1; }
+    [[ -n $ADDR ]] || { echo "ingress.sh: $2 did not report its address" >&2; exit 1; }
     for _ in $(seq 100); do
         curl -fsS "http://$ADDR/readyz" >/dev/null 2>&1 && break
         sleep 0.1
     done
-    curl -fsS "http://$ADDR/readyz" >/dev/null || { echo "ingress.sh: ingress not ready" >&2; exit 1; }
-    echo "ingress.sh: ingress pid $INGRESS_PID on $ADDR, prefix $PREFIX, broker pid ${BROKER_PID:-not local}"
+    curl -fsS "http://$ADDR/readyz" >/dev/null || { echo "ingress.sh: $2 not ready" >&2; exit 1; }
+    echo "ingress.sh: $2 pid $SERVER_PID on $ADDR, prefix $PREFIX, broker pid ${BROKER_PID:-not local}"
 }
 
-# Stops the ingress, deletes its queues, lets the broker settle.
-stop_ingress() {
-    kill -TERM "$INGRESS_PID"
-    wait "$INGRESS_PID" 2>/dev/null || true
-    INGRESS_PID=
+# Stops the server, deletes its queues, lets the broker settle.
+stop_server() {
+    kill -TERM "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
     "$BIN/bare_publisher" --cleanup "$PREFIX" >/dev/null
     settle
 }
 
 echo "ingress.sh: $LAYOUT"
-rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$INGRESS_PID/status"; }
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$SERVER_PID/status"; }
 # Figures from a summary line: the rate after "= ", a latency after its label, failures.
 rate_of() { sed -nE 's/.* = ([0-9.]+) [a-z]+\/s;.*/\1/p' "$1" | tail -1; }
 stat_of() { sed -nE "s/.* $2 ([0-9.]+) ms.*/\1/p" "$1" | tail -1; }
@@ -152,7 +158,8 @@ failed_of() { sed -nE 's/.* ([0-9]+) failed in .*/\1/p' "$1" | tail -1; }
 settle() { sleep "$SETTLE"; }
 
 # Runs one benchmark client into $1 and, over its measured part (after the warm-up),
-# records the cores used by the client, the ingress, the broker and the whole machine.
+# records the cores used by the client, the server (ingress or relay; none for the bare
+# publisher), the broker and the whole machine.
 measured() {
     local out=$1 pid c0 i0 b0 m0 c1 i1 b1 m1 t0 t1 secs
     shift
@@ -161,10 +168,10 @@ measured() {
     # Sample inside the measured part with some slack at both ends: the client is gone
     # (and its CPU time with it) as soon as its window ends.
     sleep "$(awk -v w="$WARMUP" 'BEGIN { print w + 0.3 }')"
-    t0=$(date +%s.%N) c0=$(ticks "$pid") i0=$(ticks "$INGRESS_PID") b0=$(ticks "${BROKER_PID:-0}")
+    t0=$(date +%s.%N) c0=$(ticks "$pid") i0=$(ticks "$SERVER_PID") b0=$(ticks "${BROKER_PID:-0}")
     read -r -a m0 <<<"$(machine)"
     sleep "$(awk -v d="$DURATION" 'BEGIN { print (d > 2 ? d - 1 : d / 2) }')"
-    t1=$(date +%s.%N) c1=$(ticks "$pid") i1=$(ticks "$INGRESS_PID") b1=$(ticks "${BROKER_PID:-0}")
+    t1=$(date +%s.%N) c1=$(ticks "$pid") i1=$(ticks "$SERVER_PID") b1=$(ticks "${BROKER_PID:-0}")
     read -r -a m1 <<<"$(machine)"
     wait "$pid"
     cat "$out"
@@ -173,25 +180,53 @@ measured() {
     # and the figures of this run are disturbed.
     awk -v c="$(cores "$c0" "$c1" "$secs")" -v i="$(cores "$i0" "$i1" "$secs")" \
         -v b="$(cores "$b0" "$b1" "$secs")" -v m="$(cores "${m0[0]}" "${m1[0]}" "$secs")" -v n="$(nproc)" \
-        'BEGIN { printf "cpu: client %.2f, ingress %.2f, broker %.2f, others %.2f; machine %.2f of %d cores\n", c, i, b, m - c - i - b, m, n }' |
+        'BEGIN { printf "cpu: client %.2f, server %.2f, broker %.2f, others %.2f; machine %.2f of %d cores\n", c, i, b, m - c - i - b, m, n }' |
         tee -a "$out"
 }
 cpu_of() { sed -n 's/^cpu: //p' "$1"; }
 
-echo "== a) broker ceiling: bare_publisher --window $WINDOW"
-measured "$WORK/bare.txt" "${RUN[@]}" "$BIN/bare_publisher" --window "$WINDOW" --duration "$DURATION" --warmup "$WARMUP"
-settle # it deleted its full queue
+for round in $(seq "$ROUNDS"); do
+    echo "== round $round of $ROUNDS"
+    echo "== a) broker ceiling: bare_publisher --window $WINDOW"
+    measured "$WORK/bare.$round.txt" "${RUN[@]}" "$BIN/bare_publisher" --window "$WINDOW" \
+        --duration "$DURATION" --warmup "$WARMUP"
+    settle # it deleted its full queue
 
-echo "== b) ingress, closed loop: loadgen --connections $WINDOW"
-start_ingress b
-measured "$WORK/max.txt" "${RUN[@]}" "$BIN/loadgen" --target "$ADDR" --connections "$WINDOW" \
-    --duration "$DURATION" --warmup "$WARMUP"
-stop_ingress
+    echo "== a') HTTP floor, closed loop: bare_relay, loadgen --connections $WINDOW"
+    start_server "r$round" bare_relay
+    measured "$WORK/relay.$round.txt" "${RUN[@]}" "$BIN/loadgen" --target "$ADDR" \
+        --connections "$WINDOW" --duration "$DURATION" --warmup "$WARMUP"
+    stop_server
+
+    echo "== b) ingress, closed loop: loadgen --connections $WINDOW"
+    start_server "b$round" ingress
+    measured "$WORK/max.$round.txt" "${RUN[@]}" "$BIN/loadgen" --target "$ADDR" \
+        --connections "$WINDOW" --duration "$DURATION" --warmup "$WARMUP"
+    stop_server
+done
+
+# The median of the rounds' rates, and the round that gave it (for its latencies).
+median_round() { # step
+    for r in $(seq "$ROUNDS"); do echo "$(rate_of "$WORK/$1.$r.txt") $r"; done |
+        sort -g | awk '{ rounds[NR] = $2 } END { print rounds[int((NR + 1) / 2)] }'
+}
+for step in bare relay max; do
+    cp "$WORK/$step.$(median_round "$step").txt" "$WORK/$step.txt"
+done
+rates_of() { # step: every round's rate
+    for r in $(seq "$ROUNDS"); do rate_of "$WORK/$1.$r.txt"; done | paste -sd' ' | sed 's/ /, /g'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f\n", (b > 0 ? a / b : 0) }'; }
+round_ratios() { # numerator step, denominator step
+    for r in $(seq "$ROUNDS"); do
+        ratio "$(rate_of "$WORK/$1.$r.txt")" "$(rate_of "$WORK/$2.$r.txt")"
+    done | paste -sd' ' | sed 's/ /, /g'
+}
 
 MAX_RATE=$(rate_of "$WORK/max.txt")
 HALF_RATE=$(awk -v r="$MAX_RATE" 'BEGIN { printf "%.1f", r / 2 }')
-echo "== c) ingress, open loop at half of b): loadgen --rate $HALF_RATE"
-start_ingress c
+echo "== c) ingress, open loop at half of b)'s median: loadgen --rate $HALF_RATE"
+start_server c ingress
 RSS_START=$(rss_kib)
 measured "$WORK/half.txt" "${RUN[@]}" "$BIN/loadgen" --target "$ADDR" --connections "$WINDOW" \
     --rate "$HALF_RATE" --duration "$DURATION" --warmup "$WARMUP"
@@ -216,14 +251,15 @@ OPEN_NOW=$(ss -Htn state established "( sport = :${ADDR##*:} )" 2>/dev/null | wc
 wait "$IDLE_PID"
 cat "$WORK/idle.txt"
 echo "ingress.sh: established connections to the ingress while sampling: $OPEN_NOW"
-stop_ingress
+stop_server
 
 echo "== c') broker alone at c)'s rate: bare_publisher --rate $HALF_RATE"
 measured "$WORK/bare_half.txt" "${RUN[@]}" "$BIN/bare_publisher" --window "$WINDOW" --rate "$HALF_RATE" \
     --duration "$DURATION" --warmup "$WARMUP"
 
 BARE_RATE=$(rate_of "$WORK/bare.txt")
-RATIO=$(awk -v i="$MAX_RATE" -v b="$BARE_RATE" 'BEGIN { printf "%.2f", (b > 0 ? i / b : 0) }')
+RELAY_RATE=$(rate_of "$WORK/relay.txt")
+RATIO=$(ratio "$MAX_RATE" "$BARE_RATE")
 HALF_P99=$(stat_of "$WORK/half.txt" p99)
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 verdict() { if (($1)); then echo met; else echo MISSED; fi; }
@@ -237,8 +273,13 @@ cat <<EOF
 layout: $LAYOUT
 machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo); ${BUSY}% busy just before the run
 in-flight window $WINDOW; each run measured ${DURATION} s after ${WARMUP} s of warm-up
+a), a') and b): the median of $ROUNDS rounds, with that round's latencies
 $(line "a)  broker ceiling (bare_publisher)" "$WORK/bare.txt" msgs)
+$(line "a') HTTP floor (bare_relay)        " "$WORK/relay.txt" events)
 $(line "b)  ingress max (closed loop)      " "$WORK/max.txt" events)
+rounds: a) $(rates_of bare); a') $(rates_of relay); b) $(rates_of max)
+ratios of medians: ingress / bare $RATIO, relay / bare $(ratio "$RELAY_RATE" "$BARE_RATE"), ingress / relay $(ratio "$MAX_RATE" "$RELAY_RATE")
+ratios round by round: ingress / bare $(round_ratios max bare); relay / bare $(round_ratios relay bare)
 $(line "c)  ingress at half rate ($HALF_RATE/s)" "$WORK/half.txt" events)
 $(line "c') bare_publisher at that rate    " "$WORK/bare_half.txt" msgs)
 d)  ingress RSS: $(mib "$RSS_START") MiB at start, $(mib "$RSS_IDLE") MiB idle after the load, $(mib "$RSS_CONNS") MiB with $IDLE connections open
