@@ -9,16 +9,15 @@
 //! machine and what the ingress's own code costs. It is a measuring tool, not a server:
 //! it publishes for any POST and answers anything else with 200 and nothing published.
 //!
-//! Uses `AMQP_URL` and `AMQP_PREFIX` as the ingress does, and logs the address it
-//! listens on as "listening on ADDR". Its queues are left for the caller to delete
+//! Reads the ingress's own configuration (`IngressConfig`: `INGRESS_ADDR`, `AMQP_URL`,
+//! `AMQP_PREFIX`, the header and confirm timeouts), and logs the address it listens on
+//! as "listening on ADDR". Its queues are left for the caller to delete
 //! (`bare_publisher --cleanup PREFIX`), as the bench script does after each step.
 
 use anyhow::Context;
 use b24_shared::amqp::Publisher;
-use b24_shared::config::AmqpConfig;
-use b24_shared::Secret;
+use b24_shared::config::IngressConfig;
 use b24_tests::bench::{self, Flags};
-use b24_tests::broker;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
@@ -30,13 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-const USAGE: &str = "usage: bare_relay [--addr HOST:PORT] [--threads N]
-  --addr     where to listen (default 127.0.0.1:0, a free port)
+const USAGE: &str = "usage: bare_relay [--threads N]
   --threads  runtime worker threads (default 0: one per core, as the ingress)
-AMQP_URL and AMQP_PREFIX as for the ingress.";
-
-/// The ingress's default confirm timeout.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+INGRESS_ADDR (port 0: a free one), AMQP_URL, AMQP_PREFIX and the timeouts as for the ingress.";
 
 async fn relay(
     publisher: &Publisher,
@@ -69,9 +64,9 @@ async fn relay(
 }
 
 fn main() -> anyhow::Result<()> {
-    let flags = Flags::parse(std::env::args().skip(1), &["addr", "threads"], USAGE)
-        .unwrap_or_else(|e| e.exit());
-    let addr: std::net::SocketAddr = flags.get("addr", "127.0.0.1:0".parse()?)?;
+    let flags =
+        Flags::parse(std::env::args().skip(1), &["threads"], USAGE).unwrap_or_else(|e| e.exit());
+    let config = IngressConfig::from_env()?;
     let threads: usize = flags.get("threads", 0)?;
     let runtime = if threads == 0 {
         tokio::runtime::Builder::new_multi_thread()
@@ -81,13 +76,13 @@ fn main() -> anyhow::Result<()> {
         bench::runtime(threads)?
     };
     runtime.block_on(async move {
-        let prefix = std::env::var("AMQP_PREFIX").unwrap_or_else(|_| "b24".to_string());
-        let config = AmqpConfig {
-            url: Secret::new(broker::amqp_url()),
-            prefix,
-        };
         let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-        let publisher = Publisher::start(config, CONFIRM_TIMEOUT, "b24-bare-relay", stop_rx);
+        let publisher = Publisher::start(
+            config.amqp,
+            config.confirm_timeout,
+            "b24-bare-relay",
+            stop_rx,
+        );
         anyhow::ensure!(
             publisher.wait_connected(Duration::from_secs(10)).await,
             "could not connect to the broker (AMQP_URL)"
@@ -98,11 +93,13 @@ fn main() -> anyhow::Result<()> {
         let routing_key: Arc<str> = envelope.routing_key().into();
         let body: Arc<[u8]> = envelope.to_json().into();
 
-        let listener = TcpListener::bind(addr).await.context("binding --addr")?;
+        let listener = TcpListener::bind(config.addr)
+            .await
+            .context("binding INGRESS_ADDR")?;
         println!("bare_relay: listening on {}", listener.local_addr()?);
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
+            .header_read_timeout(config.header_read_timeout)
             .keep_alive(true);
         loop {
             let (stream, _) = match listener.accept().await {
