@@ -2,12 +2,11 @@
 //! 200 is in the queue, and the process exits cleanly.
 
 use b24_shared::amqp::Topology;
-use b24_tests::broker;
+use b24_tests::{broker, spawn};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn sigterm_under_load_keeps_every_acknowledged_event() {
-    let prefix = b24_tests::spawn::unique_prefix("sigterm-bin");
+    let prefix = spawn::unique_prefix("sigterm-bin");
     let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ingress"))
         .env("AMQP_PREFIX", &prefix)
@@ -80,11 +79,7 @@ async fn sigterm_under_load_keeps_every_acknowledged_event() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    spawn::sigterm(&child);
     let exit = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
@@ -97,18 +92,15 @@ async fn sigterm_under_load_keeps_every_acknowledged_event() {
     }
     assert!(acked.len() > 10, "the load ran: {}", acked.len());
 
-    let queued: HashSet<String> = broker::drain(&Topology::new(prefix.as_str()).work_queue())
+    let lost = broker::lost_of(&Topology::new(prefix.as_str()).work_queue(), &acked)
         .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id.to_string())
-        .collect();
-    let missing = acked.iter().filter(|id| !queued.contains(*id)).count();
+        .unwrap();
     broker::delete_topology(&prefix).await.unwrap();
     assert_eq!(
-        missing,
+        lost.len(),
         0,
-        "{missing} of {} acknowledged events lost",
+        "{} of {} acknowledged events lost",
+        lost.len(),
         acked.len()
     );
 }

@@ -8,6 +8,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
+use std::collections::HashSet;
 use std::process::Command;
 
 pub fn amqp_url() -> String {
@@ -53,6 +54,21 @@ pub async fn drain(queue: &str) -> anyhow::Result<Vec<Envelope>> {
     }
     let _ = conn.close(200, "done".into()).await;
     Ok(out)
+}
+
+/// Drains `queue` and returns the ids in `acked` (events the ingress answered 200) that
+/// were not in it: acknowledged events that were lost.
+pub async fn lost_of(queue: &str, acked: &[String]) -> anyhow::Result<Vec<String>> {
+    let queued: HashSet<String> = drain(queue)
+        .await?
+        .into_iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    Ok(acked
+        .iter()
+        .filter(|id| !queued.contains(*id))
+        .cloned()
+        .collect())
 }
 
 /// Deletes a test's queues and exchange.

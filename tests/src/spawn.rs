@@ -15,6 +15,15 @@ pub fn unique_prefix(tag: &str) -> String {
     format!("t-{tag}-{}", uuid::Uuid::now_v7().simple())
 }
 
+/// Sends a real SIGTERM to a binary a test started, as an orchestrator stopping it does.
+pub fn sigterm(child: &std::process::Child) {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "SIGTERM sent to pid {}", child.id());
+}
+
 pub struct TestIngress {
     pub addr: SocketAddr,
     pub prefix: String,

@@ -2,8 +2,8 @@
 //! and acks them, exits cleanly, and every other event is still in the queue for the
 //! next worker. Nothing is lost and nothing is stored twice.
 
-use b24_tests::fixtures;
 use b24_tests::pipeline::Pipeline;
+use b24_tests::{fixtures, spawn};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -48,11 +48,7 @@ async fn sigterm_finishes_deliveries_in_hand_and_loses_none() {
         assert!(Instant::now() < deadline, "the worker took deliveries");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    spawn::sigterm(&child);
     let deadline = Instant::now() + Duration::from_secs(20);
     let exit = loop {
         if let Some(status) = child.try_wait().unwrap() {

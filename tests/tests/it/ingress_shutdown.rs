@@ -3,7 +3,6 @@ use b24_tests::http::FORM;
 use b24_tests::phpform::http_build_query;
 use b24_tests::spawn::TestIngress;
 use http::StatusCode;
-use std::collections::HashSet;
 use std::time::Duration;
 
 /// SIGTERM under load: the app stops accepting, and every request that got a 200
@@ -49,17 +48,14 @@ async fn shutdown_under_load_keeps_every_acknowledged_event() {
         acked.extend(ok);
     }
     assert!(acked.len() > 10, "the load ran: {} events", acked.len());
-    let queued: HashSet<String> = b24_tests::broker::drain(&ingress.topology.work_queue())
+    let lost = b24_tests::broker::lost_of(&ingress.topology.work_queue(), &acked)
         .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id.to_string())
-        .collect();
-    let missing = acked.iter().filter(|id| !queued.contains(*id)).count();
+        .unwrap();
     assert_eq!(
-        missing,
+        lost.len(),
         0,
-        "{missing} of {} acknowledged events lost",
+        "{} of {} acknowledged events lost",
+        lost.len(),
         acked.len()
     );
     ingress.finish().await;
