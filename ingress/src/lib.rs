@@ -8,5 +8,5 @@ mod metrics;
 mod portals;
 mod routes;
 
-pub use app::{shutdown_signal, App};
+pub use app::App;
 pub use metrics::IngressMetrics;

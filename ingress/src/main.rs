@@ -1,5 +1,6 @@
-use b24_ingress::{shutdown_signal, App};
+use b24_ingress::App;
 use b24_shared::config::IngressConfig;
+use b24_shared::shutdown_signal;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

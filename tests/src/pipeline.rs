@@ -3,7 +3,7 @@
 
 use crate::portal::{PortalConfig, SimPortal};
 use crate::spawn::{eventually, TestIngress};
-use b24_shared::config::WorkerConfig;
+use b24_worker::WorkerConfig;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::net::SocketAddr;

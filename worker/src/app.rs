@@ -3,15 +3,15 @@
 //! consuming first, lets deliveries in hand finish within the grace period, then
 //! closes; anything unfinished stays unacked and the broker redelivers it.
 
+use crate::bitrix::limiter::Limiter;
+use crate::bitrix::oauth::OAuthApp;
+use crate::bitrix::retry::RetryPolicy;
+use crate::bitrix::{Bitrix, RestClient};
+use crate::config::WorkerConfig;
 use crate::consumer::{handle_delivery, Ctx};
 use crate::metrics::WorkerMetrics;
 use crate::store::Store;
 use b24_shared::amqp::{connect, Publisher, Topology};
-use b24_shared::bitrix::limiter::Limiter;
-use b24_shared::bitrix::oauth::OAuthApp;
-use b24_shared::bitrix::retry::RetryPolicy;
-use b24_shared::bitrix::{Bitrix, RestClient};
-use b24_shared::config::WorkerConfig;
 use b24_shared::db;
 use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};

@@ -5,8 +5,8 @@
 //! The thing to get wrong: Bitrix24 answers a batch with HTTP 200 even when commands
 //! failed, and writes an empty map as `[]`, not `{}`.
 
+use crate::bitrix::{Auth, B24Error, Bitrix, ErrorClass};
 use crate::handlers::{Failure, Plan};
-use b24_shared::bitrix::{Auth, B24Error, Bitrix, ErrorClass};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;

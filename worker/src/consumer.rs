@@ -4,11 +4,11 @@
 //! leaves the message unacked, so the broker redelivers it: nothing is lost, and the
 //! `events` row makes sure nothing is stored twice.
 
+use crate::bitrix::{Auth, Bitrix, ErrorClass};
 use crate::handlers::{self, Failure, Plan, PlanAuth, Work};
 use crate::metrics::{event_label, WorkerMetrics};
 use crate::store::{dedup_key, EntityWrite, EventState, Installation, PaymentState, Store};
 use b24_shared::amqp::{Publisher, Topology, RETRY_DELAYS};
-use b24_shared::bitrix::{Auth, Bitrix, ErrorClass};
 use b24_shared::event::{InboundEvent, InstallCall};
 use b24_shared::{Envelope, EnvelopeKind};
 use lapin::message::Delivery;

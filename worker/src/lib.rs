@@ -4,6 +4,8 @@
 
 mod app;
 pub mod batch;
+pub mod bitrix;
+pub mod config;
 pub mod consumer;
 pub mod dlq;
 pub mod handlers;
@@ -12,24 +14,4 @@ pub mod metrics;
 pub mod store;
 
 pub use app::App;
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-}
+pub use config::WorkerConfig;

@@ -1,5 +1,5 @@
-use b24_shared::config::WorkerConfig;
-use b24_worker::{dlq, shutdown_signal, App};
+use b24_shared::shutdown_signal;
+use b24_worker::{dlq, App, WorkerConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

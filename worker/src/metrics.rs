@@ -1,6 +1,6 @@
 //! The worker's Prometheus registry: its own metrics plus the Bitrix24 client's.
 
-use b24_shared::bitrix::B24Metrics;
+use crate::bitrix::B24Metrics;
 use b24_shared::metrics::{counter_vec, histogram_vec, register};
 use prometheus::{HistogramVec, IntCounterVec, IntGauge, Registry};
 

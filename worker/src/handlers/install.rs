@@ -5,8 +5,8 @@
 //! the worker binds the events and placements it handles to the ingress.
 
 use super::Failure;
+use crate::bitrix::{Auth, Bitrix};
 use crate::store::{Installation, Store};
-use b24_shared::bitrix::{Auth, Bitrix};
 use b24_shared::event::{InboundEvent, InstallCall};
 use serde_json::json;
 

@@ -10,8 +10,8 @@ pub mod placement;
 pub mod requisite;
 pub mod uninstall;
 
+use crate::bitrix::{B24Error, ErrorClass};
 use crate::store::{EntityWrite, PaymentState};
-use b24_shared::bitrix::{B24Error, ErrorClass};
 use b24_shared::Secret;
 use serde_json::Value;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! all replicas together stay inside the portal's leaky bucket. Time is the
 //! database's `now()`, one clock for all replicas.
 
-use crate::db::{DbError, DbPool};
+use b24_shared::db::{DbError, DbPool};
 use std::time::Duration;
 
 #[derive(Clone)]

@@ -1,6 +1,6 @@
 //! Metrics of the Bitrix24 client, registered in the worker's registry.
 
-use crate::metrics::{counter_vec, histogram_vec, latency_buckets, register};
+use b24_shared::metrics::{counter_vec, histogram_vec, latency_buckets, register};
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, Registry};
 use std::time::Duration;
 

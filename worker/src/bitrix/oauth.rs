@@ -3,7 +3,7 @@
 //! [`super::session`] while it holds the portal's row lock.
 
 use super::error::{B24Error, ErrorClass};
-use crate::Secret;
+use b24_shared::Secret;
 use serde::Deserialize;
 use url::Url;
 

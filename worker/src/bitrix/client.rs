@@ -6,7 +6,7 @@
 use super::error::{B24Error, ErrorClass};
 use super::hosts::AllowedHosts;
 use super::metrics::B24Metrics;
-use crate::Secret;
+use b24_shared::Secret;
 use serde_json::{Map, Value};
 use std::time::Duration;
 use url::Url;
