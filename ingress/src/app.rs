@@ -29,6 +29,13 @@ pub struct App {
 impl App {
     pub async fn build(config: IngressConfig) -> std::io::Result<Self> {
         let listener = TcpListener::bind(config.addr).await?;
+        Self::build_on(config, listener).await
+    }
+
+    /// Builds on a listener bound by the caller (`config.addr` is not used): a test
+    /// that must know the address before the configuration is complete (its
+    /// `PUBLIC_URL` is the ingress's own address) binds port 0 first.
+    pub async fn build_on(config: IngressConfig, listener: TcpListener) -> std::io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let (publisher_stop, stop_rx) = watch::channel(false);
         let publisher = Publisher::start(
@@ -47,6 +54,7 @@ impl App {
             metrics,
             limits: FormLimits::default(),
             body_limit: config.body_limit,
+            public_url: config.public_url.clone(),
         });
         Ok(Self {
             listener,

@@ -22,6 +22,8 @@ pub struct State {
     pub metrics: IngressMetrics,
     pub limits: FormLimits,
     pub body_limit: usize,
+    /// `PUBLIC_URL`, where the install page binds events.
+    pub public_url: String,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -136,7 +138,7 @@ async fn accept(state: &State, route: &'static str, req: Request<Incoming>) -> R
         query.as_deref(),
         &state.limits,
     )
-    .and_then(|value| parse(route, value));
+    .and_then(|value| parse(route, value, &state.public_url));
     let (envelope, page) = match parsed {
         Ok(p) => p,
         Err(e) => {
@@ -232,6 +234,7 @@ fn unavailable(state: &State, e: &PublishError) -> Resp {
 fn parse(
     route: &str,
     value: serde_json::Value,
+    public_url: &str,
 ) -> Result<(Envelope, Option<String>), InboundError> {
     match route {
         "events" => {
@@ -269,7 +272,7 @@ fn parse(
         }
         _ => {
             let i = InstallCall::parse(&value)?;
-            let page = html::install_page(i.lang.as_deref().unwrap_or("en"), &i.domain);
+            let page = html::install_page(i.lang.as_deref().unwrap_or("en"), &i.domain, public_url);
             Ok((
                 Envelope::new(
                     EnvelopeKind::Install,

@@ -51,6 +51,30 @@ pub struct IngressConfig {
     /// Where the worker keeps portals; the ingress reads their `application_token` to
     /// refuse forged events. `DATABASE_URL=off` disables the check.
     pub database_url: Option<Secret>,
+    /// The ingress's public base URL (`PUBLIC_URL`, as the worker reads it), without a
+    /// trailing slash: the install page binds `<public_url>/events`, never an address
+    /// taken from the request.
+    pub public_url: String,
+}
+
+pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:8080";
+
+/// `PUBLIC_URL`: an http(s) base URL, its trailing slashes trimmed.
+pub fn public_url(env: Lookup) -> Result<String, ConfigError> {
+    let raw = env("PUBLIC_URL").unwrap_or_else(|| DEFAULT_PUBLIC_URL.into());
+    let url = raw.trim().trim_end_matches('/').to_string();
+    let lower = url.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"));
+    match rest {
+        Some(host) if !host.is_empty() && !url.chars().any(char::is_whitespace) => Ok(url),
+        _ => Err(ConfigError::new(
+            "PUBLIC_URL",
+            "an http:// or https:// base URL such as https://b24.example.com",
+            raw,
+        )),
+    }
 }
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/b24_pipeline";
@@ -108,6 +132,7 @@ impl IngressConfig {
                 Some(url) => Some(Secret::new(url)),
                 None => Some(Secret::new(DEFAULT_DATABASE_URL)),
             },
+            public_url: public_url(env)?,
         })
     }
 }
@@ -150,6 +175,23 @@ mod tests {
         assert_eq!(c.amqp.url.expose(), "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(c.addr.to_string(), "0.0.0.0:8080");
         assert_eq!(c.body_limit, 64 * 1024);
+        assert_eq!(c.public_url, "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn public_url_loses_its_trailing_slash_and_must_be_http() {
+        let c =
+            IngressConfig::from_lookup(&lookup(&[("PUBLIC_URL", "https://b24.example.com/app/")]))
+                .unwrap();
+        assert_eq!(c.public_url, "https://b24.example.com/app");
+        for bad in ["b24.example.com", "ftp://x", "https://", "https://a b"] {
+            let err = IngressConfig::from_lookup(&lookup(&[("PUBLIC_URL", bad)])).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with("environment variable PUBLIC_URL"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -42,7 +42,9 @@ impl TestIngress {
         ingress
     }
 
-    /// Starts an ingress without waiting for the broker.
+    /// Starts an ingress without waiting for the broker. Its `PUBLIC_URL` is its own
+    /// address (`http://127.0.0.1:PORT`) unless overridden: the port is bound first so
+    /// the install page it serves binds events to this very ingress.
     pub async fn start(tag: &str, overrides: &[(&str, &str)]) -> Self {
         let prefix = unique_prefix(tag);
         let mut env: HashMap<String, String> = HashMap::from([
@@ -55,9 +57,16 @@ impl TestIngress {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
+        let listener = tokio::net::TcpListener::bind(env["INGRESS_ADDR"].as_str())
+            .await
+            .expect("ingress address binds");
+        let addr = listener.local_addr().expect("bound address");
+        env.entry("PUBLIC_URL".into())
+            .or_insert_with(|| format!("http://{addr}"));
         let config = IngressConfig::from_lookup(&|k| env.get(k).cloned()).expect("test config");
-        let app = App::build(config).await.expect("ingress binds");
-        let addr = app.local_addr();
+        let app = App::build_on(config, listener)
+            .await
+            .expect("ingress starts");
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
