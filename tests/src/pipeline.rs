@@ -1,7 +1,7 @@
 //! The whole pipeline in one test: the real ingress and worker apps in-process, a
 //! fresh PostgreSQL database, a fresh AMQP_PREFIX, and a simulated portal.
 
-use crate::portal::{PortalConfig, SimPortal};
+use crate::portal::{InstallReport, PortalConfig, SimPortal};
 use crate::spawn::{eventually, TestIngress};
 use b24_worker::WorkerConfig;
 use serde_json::{json, Value};
@@ -232,7 +232,7 @@ impl Pipeline {
                 "expires_in": "3600",
                 "scope": "crm",
                 "domain": domain,
-                "server_endpoint": self.portal.oauth_url(),
+                "server_endpoint": self.portal.server_endpoint(),
                 "status": "L",
                 "client_endpoint": self.portal.client_endpoint(),
                 "member_id": member_id,
@@ -242,8 +242,11 @@ impl Pipeline {
         })
     }
 
-    /// Installs the portal through the pipeline itself and waits until it is stored.
+    /// Installs the portal through the pipeline itself and waits until it is stored. The
+    /// simulated portal counts our application as installed with the seeds'
+    /// `application_token` from then on, so what it emits carries the stored token.
     pub async fn install(&self, member_id: &str, domain: &str) {
+        self.portal.mark_installed(SEED_APP_TOKEN);
         self.post("/events", &self.install_event(member_id, domain))
             .await;
         let db = self.db_client().await;
@@ -300,6 +303,91 @@ impl Pipeline {
 
     pub async fn install_seed_portal(&self) {
         self.install(SEED_MEMBER, SEED_DOMAIN).await;
+    }
+
+    /// Installs as Bitrix24 does: the simulated portal opens the ingress's
+    /// `/install` as an administrator's browser would, registers what the page binds,
+    /// and sends `ONAPPINSTALL` after `installFinish` (see
+    /// [`SimPortal::install_app`]). Waits until the `portals` row is `installed` with the
+    /// portal's `application_token` and the worker has finished `ONAPPINSTALL` (its
+    /// `events` row is `done`: the worker binds its handlers while handling it).
+    /// Returns what the portal did; panics if the page did not finish the installation
+    /// or the pipeline did not store it within 30 s.
+    pub async fn install_via_portal(&self) -> InstallReport {
+        let url = format!("http://{}/install", self.ingress.addr);
+        let report = self.portal.install_app(&url).await;
+        assert!(
+            report.finished,
+            "the install page finished the installation: {report:?}"
+        );
+        self.wait_installed(Duration::from_secs(30)).await;
+        report
+    }
+
+    /// Waits until the portal's row is `installed` with its current
+    /// `application_token` and an `ONAPPINSTALL` is `done`; panics after `within`.
+    pub async fn wait_installed(&self, within: Duration) {
+        let member_id = self.portal.member_id();
+        let token = self.portal.application_token();
+        let db = self.db_client().await;
+        let ok = eventually(within, || async {
+            db.query_opt(
+                "SELECT 1 FROM portals p
+                  WHERE p.member_id = $1 AND p.status = 'installed'
+                    AND p.application_token = $2
+                    AND EXISTS (SELECT 1 FROM events e WHERE e.member_id = p.member_id
+                                   AND e.event = 'ONAPPINSTALL' AND e.status = 'done')",
+                &[&member_id, &token],
+            )
+            .await
+            .ok()?
+        })
+        .await;
+        assert!(
+            ok.is_some(),
+            "portal {member_id} installed with its application_token within {within:?}"
+        );
+    }
+
+    /// A seed payload as this simulated portal would send it: an event's `auth`
+    /// (`domain`, `client_endpoint`, `server_endpoint`, `member_id`,
+    /// `application_token`, and `access_token`/`refresh_token` as a fresh pair of the
+    /// administrator) and a widget call's `DOMAIN`, `PROTOCOL` (`0`: the simulator
+    /// speaks http), `member_id`, `SERVER_ENDPOINT`, `APPLICATION_TOKEN` and
+    /// `AUTH_ID`/`REFRESH_ID` (a fresh pair of the administrator) become the portal's.
+    /// Only keys the seed has are rewritten, so each keeps its documented shape
+    /// (`ONAPPPAYMENT` stays without tokens).
+    pub fn seed(&self, payload: &Value) -> Value {
+        let mut p = payload.clone();
+        let portal = &self.portal;
+        let set = |o: &mut serde_json::Map<String, Value>, key: &str, value: String| {
+            if o.contains_key(key) {
+                o.insert(key.to_owned(), Value::String(value));
+            }
+        };
+        if let Some(auth) = p.get_mut("auth").and_then(Value::as_object_mut) {
+            set(auth, "domain", portal.domain());
+            set(auth, "client_endpoint", portal.client_endpoint());
+            set(auth, "server_endpoint", portal.server_endpoint());
+            set(auth, "member_id", portal.member_id());
+            set(auth, "application_token", portal.application_token());
+            if auth.contains_key("access_token") || auth.contains_key("refresh_token") {
+                let (access, refresh) = portal.issue_tokens();
+                set(auth, "access_token", access);
+                set(auth, "refresh_token", refresh);
+            }
+        }
+        if let Some(o) = p.as_object_mut().filter(|o| o.contains_key("AUTH_ID")) {
+            let (access, refresh) = portal.issue_tokens();
+            set(o, "DOMAIN", portal.domain());
+            set(o, "PROTOCOL", "0".into());
+            set(o, "member_id", portal.member_id());
+            set(o, "SERVER_ENDPOINT", portal.server_endpoint());
+            set(o, "APPLICATION_TOKEN", portal.application_token());
+            set(o, "AUTH_ID", access);
+            set(o, "REFRESH_ID", refresh);
+        }
+        p
     }
 
     /// A client of the test database, once the worker has created it.

@@ -1,15 +1,32 @@
-//! A simulated Bitrix24 portal and OAuth server on 127.0.0.1:0, for tests of the worker.
-//! It answers the way the real one does, quirks included, so resilience is tested
-//! honestly: the leaky bucket (503 `QUERY_LIMIT_EXCEEDED`), per-method operating time
-//! (429 `OPERATION_TIME_LIMIT`), single-use refresh tokens whose refresh also kills the
-//! access token issued with them (401 `invalid_token`), expiry (401 `expired_token`),
-//! `batch` with per-command errors and PHP's `[]` for an empty map, offline events with
-//! reservation, and switches for failures, slowness and a moved portal (302).
+//! A simulated Bitrix24 portal, with its OAuth server on a listener of its own (as
+//! oauth.bitrix.info is a host of its own), for tests of the pipeline. It answers the way
+//! the real one does, quirks included, so resilience is tested honestly: the leaky bucket
+//! (503 `QUERY_LIMIT_EXCEEDED`), per-method operating time (429 `OPERATION_TIME_LIMIT`),
+//! single-use refresh tokens whose refresh also kills the access token issued with them
+//! (401 `invalid_token`), expiry (401 `expired_token`), `batch` with per-command errors
+//! and PHP's `[]` for an empty map, offline events with reservation and sources
+//! (`auth_connector`), and switches for failures, slowness, a moved portal (302), an
+//! unpaid application (`PAYMENT_REQUIRED`) and a closed portal (`PORTAL_DELETED`).
+//!
+//! Users and applications are real here: every token belongs to one user (user 1 is the
+//! administrator; [`SimPortal::add_user`] adds employees without rights or CRM access,
+//! and extranet users) through one application (ours, or another one installed on the
+//! same portal, [`SimPortal::issue_tokens_for_app`]). `user.admin`, `app.info`, CRM reads
+//! and admin-only methods answer for the token's user and application, and the OAuth
+//! server refreshes a token only for the application it was issued to.
+//!
+//! Bitrix24's side of the lifecycle is simulated too ([`lifecycle`]): the portal opens
+//! the application's installer as an administrator's browser would, registers the
+//! `BX24.callBind` calls it finds there, sends `ONAPPINSTALL` after `installFinish`,
+//! removes every binding on an update, and delivers events itself to what is bound
+//! (form-encoded, as PHP's `http_build_query`), never resending one that failed.
 //!
 //! What a newcomer gets wrong: a `batch` is **one** HTTP request (one unit of the
 //! bucket, one [`Call`] of kind [`CallKind::Rest`] with `batch_size`), while each of its
 //! commands is its own [`Call`] of kind [`CallKind::BatchCommand`] and counts against
-//! its method's operating time. Count HTTP requests with [`Call::is_http`].
+//! its method's operating time. Count HTTP requests with [`Call::is_http`]. And
+//! parameter names are matched exactly as documented (`id`, not `ID`, for
+//! `crm.deal.get`): see [`PARAMS`].
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -25,21 +42,31 @@
 //! # }
 //! ```
 //!
-//! Methods: `app.info`, `crm.deal.get`, `crm.deal.recurring.get`, `crm.requisite.get`,
-//! `crm.item.get`, `event.bind`/`unbind`/`get`, `placement.bind`/`unbind`/`get`,
-//! `event.offline.get`/`clear`/`error`, `batch`. Parameters arrive as JSON (only with a
-//! JSON content type, as PHP reads them), as a PHP-style form body, or in the query;
-//! the token as `auth` or `Authorization: Bearer`. Records are synthetic and the same
-//! for the same id ([`data`]); [`SimPortal::set_missing`] makes one not exist.
-//! Not simulated: `$result[...]` references between batch commands, list methods and
-//! paging, webhooks, scopes.
+//! Methods: `app.info`, `user.admin`, `user.current`, `crm.deal.get`,
+//! `crm.deal.recurring.get`, `crm.requisite.get`, `crm.item.get`, `crm.type.list`,
+//! `event.bind`/`unbind`/`get`, `placement.bind`/`unbind`/`get`,
+//! `event.offline.get`/`list`/`clear`/`error`, `batch`; on the OAuth server
+//! `/oauth/token/` (`grant_type=refresh_token`) and `/rest/app.info`. Parameters arrive
+//! as JSON (only with a JSON content type, as PHP reads them), as a PHP-style form body,
+//! or in the query; the token as `auth` or `Authorization: Bearer`. Records are
+//! synthetic and the same for the same id ([`data`]); [`SimPortal::set_missing`] makes
+//! one not exist. Not simulated: `$result[...]` references between batch commands,
+//! write methods, webhooks, scopes.
 
 pub mod data;
+mod filter;
+pub mod lifecycle;
 mod methods;
+mod oauth;
 mod params;
 mod state;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_lifecycle;
+
+pub use lifecycle::{Delivery, InstallReport, InstallSpec, Outcome, UpdateSpec};
+pub use methods::PARAMS;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -48,11 +75,12 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use methods::Timing;
-use params::{php_decode, text, PValue};
+use params::{php_decode, PValue};
 use serde_json::{json, Value};
-use state::{Failure, State};
+use state::{Caller, Failure, State, User};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -81,6 +109,25 @@ pub struct PortalConfig {
     pub operating_budget: Duration,
     /// Operating time each executed method call spends (10 ms).
     pub cost_per_call: Duration,
+    /// The portal's language (`LANG`, `LANGUAGE_ID`): `en`.
+    pub language: String,
+    /// Our application's scopes, as events and the OAuth server write them.
+    pub scope: String,
+    /// Smart processes (entity type ids) the portal has from the start: `[183]`, the
+    /// type of seed 003's `CRM_DYNAMIC_183_DETAIL_ACTIVITY` widget.
+    pub smart_processes: Vec<u64>,
+    /// Put `operating`/`operating_reset_at` into a batch's `result_time` entries. The
+    /// documentation's example has neither (settings/how-to-call-rest-api/batch.md), so
+    /// by default they are absent.
+    pub batch_operating: bool,
+    /// Put `refresh_token` into the `auth` of every event linked to a user. By default
+    /// only `ONAPPINSTALL`, `ONAPPUPDATE` and `ONOFFLINEEVENT` carry one, as
+    /// api-reference/events/index.md says ("The refresh_token token does not come with
+    /// every event"); the seed payloads of other events show one, hence the switch.
+    pub refresh_token_in_events: bool,
+    /// How long a handler may take to answer an event before the delivery counts as
+    /// failed (and is lost). The documentation gives no figure: 5 s, strict.
+    pub delivery_timeout: Duration,
 }
 
 impl Default for PortalConfig {
@@ -99,16 +146,24 @@ impl Default for PortalConfig {
             token_ttl: Duration::from_secs(3600),
             operating_budget: Duration::from_secs(480),
             cost_per_call: Duration::from_millis(10),
+            language: "en".into(),
+            scope: "crm,placement".into(),
+            smart_processes: vec![183],
+            batch_operating: false,
+            refresh_token_in_events: false,
+            delivery_timeout: Duration::from_secs(5),
         }
     }
 }
 
-/// A Bitrix24 error answer: HTTP status, `error`, `error_description`.
+/// A Bitrix24 error answer: HTTP status, `error`, `error_description` (and, for
+/// `ERROR_ARGUMENT`, the `argument` it is about).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: u16,
     pub code: String,
     pub description: String,
+    pub argument: Option<String>,
 }
 
 impl ApiError {
@@ -122,11 +177,16 @@ impl ApiError {
             status,
             code: code.to_owned(),
             description: description.to_owned(),
+            argument: None,
         }
     }
 
     pub fn body(&self) -> Value {
-        json!({ "error": self.code, "error_description": self.description })
+        let mut v = json!({ "error": self.code, "error_description": self.description });
+        if let (Some(a), Some(o)) = (&self.argument, v.as_object_mut()) {
+            o.insert("argument".into(), json!(a));
+        }
+        v
     }
 }
 
@@ -158,6 +218,7 @@ pub fn describe(code: &str) -> &'static str {
         "invalid_client" => "Invalid client",
         "invalid_request" => "Invalid request",
         "PAYMENT_REQUIRED" => "Payment required",
+        "allowed_only_intranet_user" => "Action is allowed only to intranet users",
         _ => "",
     }
 }
@@ -199,6 +260,75 @@ impl Call {
     }
 }
 
+/// A user of the simulated portal. User 1, [`UserId::ADMIN`], is the administrator
+/// who owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UserId(pub u64);
+
+impl UserId {
+    pub const ADMIN: UserId = UserId(1);
+}
+
+/// Who [`SimPortal::add_user`] adds. The default is an employee without administrator
+/// rights who may read CRM records.
+#[derive(Debug, Clone)]
+pub struct UserSpec {
+    pub name: String,
+    pub last_name: String,
+    /// A portal administrator (`user.admin` answers true; admin-only methods work).
+    pub admin: bool,
+    /// An employee; `false` makes an extranet user, to whom `crm.item.get` and
+    /// `crm.type.list` answer 403 `allowed_only_intranet_user`.
+    pub intranet: bool,
+    /// May read CRM records; `false` gets `ACCESS_DENIED` (`crm.item.get`) or
+    /// "Access denied" (`crm.deal.get` and the other classic methods).
+    pub crm_read: bool,
+}
+
+impl Default for UserSpec {
+    fn default() -> Self {
+        Self::employee()
+    }
+}
+
+impl UserSpec {
+    pub fn employee() -> Self {
+        Self {
+            name: "Mary".into(),
+            last_name: "Jones".into(),
+            admin: false,
+            intranet: true,
+            crm_read: true,
+        }
+    }
+
+    pub fn admin() -> Self {
+        Self {
+            name: "Alice".into(),
+            admin: true,
+            ..Self::employee()
+        }
+    }
+
+    /// An extranet user: not an employee, no CRM access.
+    pub fn extranet() -> Self {
+        Self {
+            name: "Guest".into(),
+            intranet: false,
+            crm_read: false,
+            ..Self::employee()
+        }
+    }
+
+    /// The same user without CRM read access.
+    pub fn without_crm(self) -> Self {
+        Self {
+            crm_read: false,
+            ..self
+        }
+    }
+}
+
 /// Handle to a running simulated portal; clones share it. The server stops when the
 /// last handle is dropped.
 #[derive(Clone)]
@@ -208,8 +338,11 @@ pub struct SimPortal {
 
 struct Inner {
     addr: SocketAddr,
+    oauth_addr: SocketAddr,
     state: Mutex<State>,
     stop: CancellationToken,
+    /// Bitrix24's own outbound HTTP: events and installer pages.
+    http: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl Drop for Inner {
@@ -227,7 +360,8 @@ impl Inner {
 }
 
 impl SimPortal {
-    /// Binds 127.0.0.1:0 and serves; panics only if the loopback cannot be bound.
+    /// Binds two ports on 127.0.0.1 (the portal, its OAuth server) and serves; panics
+    /// only if the loopback cannot be bound.
     pub async fn start(cfg: PortalConfig) -> SimPortal {
         Self::try_start(cfg)
             .await
@@ -237,16 +371,38 @@ impl SimPortal {
     pub async fn try_start(mut cfg: PortalConfig) -> std::io::Result<SimPortal> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let oauth_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let oauth_addr = oauth_listener.local_addr()?;
         if cfg.domain.is_empty() {
             cfg.domain = addr.to_string();
         }
-        let state = State::new(cfg, format!("http://{addr}/rest/"), Instant::now());
+        let state = State::new(
+            cfg,
+            format!("http://{addr}/rest/"),
+            format!("http://{oauth_addr}/rest/"),
+            oauth_addr.to_string(),
+            Instant::now(),
+        );
         let inner = Arc::new(Inner {
             addr,
+            oauth_addr,
             state: Mutex::new(state),
             stop: CancellationToken::new(),
+            http: Client::builder(TokioExecutor::new()).build_http(),
         });
-        tokio::spawn(serve(listener, Arc::downgrade(&inner), inner.stop.clone()));
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(serve(
+            listener,
+            weak.clone(),
+            inner.stop.clone(),
+            Server::Portal,
+        ));
+        tokio::spawn(serve(
+            oauth_listener,
+            weak,
+            inner.stop.clone(),
+            Server::OAuth,
+        ));
         Ok(SimPortal { inner })
     }
 
@@ -259,9 +415,28 @@ impl SimPortal {
         format!("http://{}/rest/", self.inner.addr)
     }
 
-    /// `http://127.0.0.1:PORT/oauth/token/`, for `B24_OAUTH_URL`.
+    /// The OAuth server's address: another port, as oauth.bitrix.info is another host.
+    pub fn oauth_addr(&self) -> SocketAddr {
+        self.inner.oauth_addr
+    }
+
+    /// `http://127.0.0.1:OPORT/oauth/token/`, for `B24_OAUTH_URL`: the token URL a
+    /// client derives from [`SimPortal::server_endpoint`] (its origin + `/oauth/token/`).
     pub fn oauth_url(&self) -> String {
-        format!("http://{}/oauth/token/", self.inner.addr)
+        format!("http://{}/oauth/token/", self.inner.oauth_addr)
+    }
+
+    /// `http://127.0.0.1:OPORT/rest/`, the OAuth server's REST interface: what events
+    /// carry as `auth[server_endpoint]` and installers get as `SERVER_ENDPOINT`.
+    pub fn server_endpoint(&self) -> String {
+        format!("http://{}/rest/", self.inner.oauth_addr)
+    }
+
+    /// `127.0.0.1:OPORT`: the `domain` of the OAuth server's answers, which is its own
+    /// and never the portal's (settings/oauth/index.md: "The domain of the
+    /// authorization server").
+    pub fn oauth_domain(&self) -> String {
+        self.inner.oauth_addr.to_string()
     }
 
     pub fn member_id(&self) -> String {
@@ -280,14 +455,113 @@ impl SimPortal {
         self.inner.state().cfg.client_secret.clone()
     }
 
+    /// Our application's `application_token` now (a new one after an update or a
+    /// reinstall, see [`UpdateSpec::new_application_token`]).
     pub fn application_token(&self) -> String {
-        self.inner.state().application_token.clone()
+        self.inner.state().ours().application_token.clone()
     }
 
-    /// A fresh valid (access, refresh) pair, as an install hands out. Earlier pairs
-    /// stay valid until refreshed or expired.
+    /// Is our application installed (its installer called `installFinish`)?
+    pub fn is_installed(&self) -> bool {
+        self.inner.state().ours().installed
+    }
+
+    /// Our application's version as `app.info` reports it.
+    pub fn app_version(&self) -> String {
+        self.inner.state().ours().version()
+    }
+
+    /// As if our application had been installed outside the simulator (by a test that
+    /// posts its own `ONAPPINSTALL`): installed, with this `application_token`, so that
+    /// events are delivered with the token the pipeline stored. Bindings are not made.
+    pub fn mark_installed(&self, application_token: &str) {
+        let mut s = self.inner.state();
+        let app = s.ours_mut();
+        app.removed = false;
+        app.application_token = application_token.to_owned();
+        app.set_installed(true);
+    }
+
+    /// A fresh valid (access, refresh) pair of the administrator (user 1) through our
+    /// application, as an install hands out. Earlier pairs stay valid until refreshed
+    /// or expired.
     pub fn issue_tokens(&self) -> (String, String) {
         self.inner.state().issue_pair(Instant::now())
+    }
+
+    /// Adds a user; returns its id (2, 3, ...).
+    pub fn add_user(&self, spec: UserSpec) -> UserId {
+        let mut s = self.inner.state();
+        let id = s.users.iter().map(|u| u.id).max().unwrap_or(0) + 1;
+        s.users.push(User {
+            id,
+            name: spec.name,
+            last_name: spec.last_name,
+            admin: spec.admin,
+            intranet: spec.intranet,
+            crm_read: spec.crm_read,
+        });
+        UserId(id)
+    }
+
+    /// A fresh pair of `user` through our application: what that user's widget calls
+    /// carry as `AUTH_ID`/`REFRESH_ID`. Panics for a user that was never added.
+    pub fn issue_tokens_for(&self, user: UserId) -> (String, String) {
+        let mut s = self.inner.state();
+        assert!(s.user(user.0).is_some(), "no user {}", user.0);
+        let ours = s.our_client_id();
+        s.issue_pair_for(user.0, &ours, Instant::now())
+    }
+
+    /// A fresh pair of `user` through another application installed on the same
+    /// portal (registered on first use, with a secret only the simulator knows): a
+    /// valid token of that portal that is not ours.
+    pub fn issue_tokens_for_app(&self, client_id: &str, user: UserId) -> (String, String) {
+        let mut s = self.inner.state();
+        assert!(s.user(user.0).is_some(), "no user {}", user.0);
+        assert!(
+            client_id != s.our_client_id(),
+            "{client_id} is our application: use issue_tokens_for"
+        );
+        s.other_app(client_id);
+        s.issue_pair_for(user.0, client_id, Instant::now())
+    }
+
+    /// The secret of another application [`SimPortal::issue_tokens_for_app`] registered.
+    pub fn client_secret_of(&self, client_id: &str) -> Option<String> {
+        self.inner
+            .state()
+            .app(client_id)
+            .map(|a| a.client_secret.clone())
+    }
+
+    /// Our application's paid period is over (`true`): every REST call with its tokens
+    /// answers 402 `PAYMENT_REQUIRED` and the OAuth server refuses to refresh them, and
+    /// `app.info` would say `PAYMENT_EXPIRED` `Y`. `false` lifts it (as a payment does).
+    /// The 402 is `CRestServer::STATUS_PAYMENT_REQUIRED`
+    /// (settings/cloud-and-on-premise/on-premise/custom-methods.md shows it answering
+    /// `HTTP/1.1 402 Payment Required`); the OAuth server's status for it is not
+    /// documented (settings/oauth/error-codes.md gives the code only): 401, strict.
+    pub fn set_payment_required(&self, on: bool) {
+        let mut s = self.inner.state();
+        let app = s.ours_mut();
+        app.payment_required = on;
+        app.info
+            .insert("PAYMENT_EXPIRED".into(), json!(if on { "Y" } else { "N" }));
+    }
+
+    /// The portal's public part is closed (`true`): every REST call answers 500
+    /// `PORTAL_DELETED` (_includes/system-errors.md), until `false`. Self-hosted
+    /// portals do this temporarily; the OAuth server is not affected.
+    pub fn set_portal_deleted(&self, on: bool) {
+        self.inner.state().portal_deleted = on;
+    }
+
+    /// Adds a smart process with this entity type id (its items, its
+    /// `CRM_DYNAMIC_<id>_DETAIL_ACTIVITY` widget and its `ONCRMDYNAMICITEM*_<id>` events
+    /// then exist); returns its type id (`crm.type.list`'s `id`).
+    pub fn add_smart_process(&self, entity_type_id: u64) -> u64 {
+        self.inner.state().add_smart_process(entity_type_id)
     }
 
     /// Every access token issued so far now answers 401 `expired_token`; their refresh
@@ -406,65 +680,94 @@ impl SimPortal {
             .insert((methods::normalize_method(method), id));
     }
 
-    /// Overrides fields of the `app.info` answer (`STATUS`, `PAYMENT_EXPIRED`, `DAYS`…).
+    /// Overrides fields of our application's `app.info` answer (`STATUS`,
+    /// `PAYMENT_EXPIRED`, `DAYS`…); `STATUS` also goes into events and refreshes.
     pub fn set_app_info(&self, fields: Value) {
         if let Value::Object(o) = fields {
-            self.inner.state().app_info.extend(o);
+            self.inner.state().ours_mut().info.extend(o);
         }
     }
 
-    /// Queues an offline event as Bitrix24 does for `event_type=offline` bindings; a
-    /// repeat of the same (event, data) still waiting only moves its timestamp. Returns
-    /// its `MESSAGE_ID`.
+    /// Queues an offline event in our application's queue (no source), as Bitrix24 does
+    /// for `event_type=offline` bindings, whether or not one exists; a repeat of the same
+    /// (event, data) still waiting only moves its timestamp. Returns its `MESSAGE_ID`.
+    /// [`SimPortal::emit`] records offline events only where they are bound.
     pub fn push_offline(&self, event: &str, data: Value) -> String {
         let mut s = self.inner.state();
         let now = s.unix(Instant::now());
         s.push_offline(event, data, methods::iso_unix(now))
     }
 
-    /// The offline queue as `event.offline.list` shows it (with `PROCESS_ID`, `ERROR`).
+    /// Our application's offline queues (every source) as `event.offline.list` shows
+    /// records (with `PROCESS_ID`, `ERROR`), in arrival order.
     pub fn offline_queue(&self) -> Vec<Value> {
         let s = self.inner.state();
-        let mut records = s.offline.clone();
-        records.sort_by_key(|r| (r.seq, r.id));
-        records
+        let ours = s.our_client_id();
+        let mut records: Vec<_> = s
+            .offline
             .iter()
-            .map(|r| {
-                let mut v = r.to_json();
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("PROCESS_ID".into(), json!(r.process_id));
-                    o.insert("ERROR".into(), json!(if r.error { "1" } else { "0" }));
-                }
-                v
-            })
-            .collect()
+            .filter(|r| r.client_id == ours)
+            .cloned()
+            .collect();
+        records.sort_by_key(|r| (r.seq, r.id));
+        records.iter().map(|r| r.to_list_json()).collect()
     }
 
-    /// What `event.get` would answer.
+    /// What `event.get` would answer our application's administrator.
     pub fn event_bindings(&self) -> Vec<Value> {
         self.pure_list("event.get")
     }
 
-    /// What `placement.get` would answer.
+    /// What `event.get` would answer another application's administrator.
+    pub fn event_bindings_of(&self, client_id: &str) -> Vec<Value> {
+        let caller = Caller {
+            user: 1,
+            client_id: client_id.to_owned(),
+        };
+        match methods::call(&mut self.inner.state(), &caller, "event.get", &json!({})) {
+            Ok(a) => a.result.as_array().cloned().unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// What `placement.get` would answer our application's administrator.
     pub fn placement_bindings(&self) -> Vec<Value> {
         self.pure_list("placement.get")
     }
 
     fn pure_list(&self, method: &str) -> Vec<Value> {
-        match methods::call(&mut self.inner.state(), method, &json!({})) {
-            Ok(Value::Array(a)) => a,
-            _ => Vec::new(),
+        let mut s = self.inner.state();
+        let caller = admin_caller(&s);
+        match methods::call(&mut s, &caller, method, &json!({})) {
+            Ok(a) => a.result.as_array().cloned().unwrap_or_default(),
+            Err(_) => Vec::new(),
         }
     }
 
-    /// The `result` a read-only method (`app.info`, `crm.*.get`) gives for `params`
-    /// now, without counting or recording anything: what the worker should have stored.
+    /// The `result` a read-only method (`app.info`, `user.*`, `crm.*.get`,
+    /// `crm.type.list`) gives our administrator for `params` now, without counting or
+    /// recording anything: what the worker should have stored.
     pub fn expected(&self, method: &str, params: Value) -> Result<Value, ApiError> {
+        self.expected_as(UserId::ADMIN, method, params)
+    }
+
+    /// [`SimPortal::expected`] as another user of our application.
+    pub fn expected_as(
+        &self,
+        user: UserId,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, ApiError> {
         let method = methods::normalize_method(method);
         if !methods::PURE.contains(&method.as_str()) {
             return Err(ApiError::new(404, "ERROR_METHOD_NOT_FOUND"));
         }
-        methods::call(&mut self.inner.state(), &method, &params)
+        let mut s = self.inner.state();
+        let caller = Caller {
+            user: user.0,
+            client_id: s.our_client_id(),
+        };
+        methods::call(&mut s, &caller, &method, &params).map(|a| a.result)
     }
 
     /// Every request and batch command so far, in arrival order.
@@ -498,7 +801,19 @@ impl SimPortal {
     }
 }
 
-async fn serve(listener: TcpListener, portal: Weak<Inner>, stop: CancellationToken) {
+/// Which host a listener plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Portal,
+    OAuth,
+}
+
+async fn serve(
+    listener: TcpListener,
+    portal: Weak<Inner>,
+    stop: CancellationToken,
+    server: Server,
+) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -513,7 +828,7 @@ async fn serve(listener: TcpListener, portal: Weak<Inner>, stop: CancellationTok
         };
         let portal = portal.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(portal.clone(), req));
+            let service = service_fn(move |req| handle(portal.clone(), server, req));
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -585,6 +900,7 @@ fn respond(reply: Reply) -> Result<Response<Full<Bytes>>, Dropped> {
 
 async fn handle(
     portal: Weak<Inner>,
+    server: Server,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Dropped> {
     let Some(portal) = portal.upgrade() else {
@@ -594,20 +910,12 @@ async fn handle(
     if path == "/healthz" {
         return respond(Reply::Raw(200, "ok".into()));
     }
-    let is_oauth = path == "/oauth/token/" || path == "/oauth/token";
-    let Some(rest_at) = path.find("/rest/").filter(|_| !is_oauth) else {
-        if !is_oauth {
-            return respond(Reply::Raw(404, "Not Found".into()));
-        }
-        let (parts, body) = req.into_parts();
-        let reply = match read_body(body).await {
-            Some(body) => {
-                let params = request_params(&parts, &body);
-                oauth(&mut portal.state(), params.to_json())
-            }
-            None => Reply::Raw(413, "Request Entity Too Large".into()),
-        };
-        return respond(reply);
+    if server == Server::OAuth {
+        return respond(oauth::handle(&portal, req).await);
+    }
+    // The portal serves the REST API only; tokens come from the OAuth server's host.
+    let Some(rest_at) = path.find("/rest/") else {
+        return respond(Reply::Raw(404, "Not Found".into()));
     };
     let raw_method = path[rest_at + "/rest/".len()..]
         .rsplit('/')
@@ -619,17 +927,7 @@ async fn handle(
         return respond(Reply::Raw(413, "Request Entity Too Large".into()));
     };
     let mut params = request_params(&parts, &body);
-    let token = params
-        .remove("auth")
-        .and_then(|a| a.as_text())
-        .filter(|t| !t.is_empty())
-        .or_else(|| {
-            let header = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
-            let (scheme, token) = header.trim().split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| token.trim().to_owned())
-        });
+    let token = take_token(&mut params, &parts);
     let request = RestRequest {
         method: methods::normalize_method(&raw_method),
         raw_method,
@@ -653,6 +951,21 @@ async fn handle(
         tokio::time::sleep(delay).await;
     }
     respond(reply)
+}
+
+/// The access token: the `auth` parameter, else an `Authorization: Bearer` header.
+fn take_token(params: &mut PValue, parts: &http::request::Parts) -> Option<String> {
+    params
+        .remove("auth")
+        .and_then(|a| a.as_text())
+        .filter(|t| !t.is_empty())
+        .or_else(|| {
+            let header = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+            let (scheme, token) = header.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_owned())
+        })
 }
 
 async fn read_body(body: Incoming) -> Option<Bytes> {
@@ -713,7 +1026,8 @@ fn arrives_at(location: &str, host: &str, path: &str) -> bool {
 }
 
 /// One HTTP request to `/rest/`, in the order Bitrix24 checks: moved portal, (injected
-/// failure), leaky bucket, token, then the method or the batch.
+/// failure), closed portal, leaky bucket, token, unpaid application, then the method or
+/// the batch, as the token's user through the token's application.
 fn rest(s: &mut State, req: RestRequest) -> Reply {
     let now = Instant::now();
     let params = req.params.to_json();
@@ -749,13 +1063,24 @@ fn rest(s: &mut State, req: RestRequest) -> Reply {
         }
         return failure.into();
     }
+    if s.portal_deleted {
+        record(s, 500, Some("PORTAL_DELETED"), None);
+        return ApiError::new(500, "PORTAL_DELETED").into();
+    }
     if !s.bucket.try_add(now) {
         record(s, 503, Some("QUERY_LIMIT_EXCEEDED"), None);
         return ApiError::new(503, "QUERY_LIMIT_EXCEEDED").into();
     }
-    if let Err(e) = s.check_access(req.token.as_deref(), now) {
-        record(s, e.status, Some(&e.code), None);
-        return e.into();
+    let caller = match s.check_access(req.token.as_deref(), now) {
+        Ok(c) => c,
+        Err(e) => {
+            record(s, e.status, Some(&e.code), None);
+            return e.into();
+        }
+    };
+    if s.app(&caller.client_id).is_some_and(|a| a.payment_required) {
+        record(s, 402, Some("PAYMENT_REQUIRED"), None);
+        return ApiError::new(402, "PAYMENT_REQUIRED").into();
     }
     let token = req.token.clone().unwrap_or_default();
 
@@ -771,7 +1096,7 @@ fn rest(s: &mut State, req: RestRequest) -> Reply {
             return e.into();
         }
         let halt = params::flag(&params, "halt", false);
-        let outcome = methods::batch(s, commands, halt, &token, now);
+        let outcome = methods::batch(s, &caller, commands, halt, &token, now);
         record(s, 200, None, Some(size));
         s.calls.extend(outcome.calls);
         let time = Timing {
@@ -785,12 +1110,21 @@ fn rest(s: &mut State, req: RestRequest) -> Reply {
         );
     }
 
-    let (result, timing) = methods::run(s, &req.method, &params, now);
+    let (result, timing) = methods::run(s, &caller, &req.method, &params, now);
     match result {
-        Ok(v) => {
+        Ok(a) => {
             record(s, 200, None, None);
             let time = timing.map_or(Value::Null, |t| t.to_json());
-            Reply::Json(200, json!({ "result": v, "time": time }))
+            let mut body = json!({ "result": a.result, "time": time });
+            if let Some(o) = body.as_object_mut() {
+                if let Some(total) = a.total {
+                    o.insert("total".into(), json!(total));
+                }
+                if let Some(next) = a.next {
+                    o.insert("next".into(), json!(next));
+                }
+            }
+            Reply::Json(200, body)
         }
         Err(e) => {
             record(s, e.status, Some(&e.code), None);
@@ -799,81 +1133,10 @@ fn rest(s: &mut State, req: RestRequest) -> Reply {
     }
 }
 
-/// The OAuth server's `/oauth/token/` with `grant_type=refresh_token`.
-fn oauth(s: &mut State, params: Value) -> Reply {
-    let now = Instant::now();
-    let refresh = text(&params, "refresh_token").unwrap_or_default();
-    let reply = oauth_answer(s, &params, &refresh, now);
-    let (status, error) = match &reply {
-        Reply::Json(status, v) => (
-            *status,
-            v.get("error").and_then(Value::as_str).map(str::to_owned),
-        ),
-        Reply::Raw(status, _) => (*status, None),
-        Reply::Redirect(_) => (302, None),
-        Reply::Drop => (0, None),
-    };
-    let mut recorded = params;
-    if let Some(o) = recorded.as_object_mut() {
-        o.remove("client_secret");
-    }
-    s.calls.push(Call {
-        kind: CallKind::OAuth,
-        method: "oauth.token".into(),
-        status,
-        error,
-        token: (!refresh.is_empty()).then_some(refresh),
-        params: recorded,
-        batch_size: None,
-        at: now,
-    });
-    reply
-}
-
-fn oauth_answer(s: &mut State, params: &Value, refresh: &str, now: Instant) -> Reply {
-    if let Some(f) = s.fail_oauth.pop_front() {
-        return f.into();
-    }
-    let grant = text(params, "grant_type").unwrap_or_default();
-    if grant.is_empty() {
-        return ApiError::with(400, "invalid_request", "grant_type is required").into();
-    }
-    let client_id = text(params, "client_id").unwrap_or_default();
-    let client_secret = text(params, "client_secret").unwrap_or_default();
-    if client_id != s.cfg.client_id || client_secret != s.cfg.client_secret {
-        return ApiError::with(401, "invalid_client", "Invalid client").into();
-    }
-    if grant != "refresh_token" {
-        return ApiError::with(400, "invalid_grant", "Unsupported grant type").into();
-    }
-    if refresh.is_empty() {
-        return ApiError::with(400, "invalid_request", "refresh_token is required").into();
-    }
-    match s.refresh_pair(refresh, now) {
-        Ok((access, refresh)) => {
-            let ttl = s.cfg.token_ttl.as_secs();
-            let client_endpoint = s
-                .redirect
-                .clone()
-                .unwrap_or_else(|| s.client_endpoint.clone());
-            Reply::Json(
-                200,
-                json!({
-                    "access_token": access,
-                    "expires": s.unix(now).floor() as u64 + ttl,
-                    "expires_in": ttl,
-                    "scope": "crm,placement",
-                    // As the real server: its own domain, not the portal's.
-                    "domain": "oauth.bitrix.info",
-                    "server_endpoint": "https://oauth.bitrix.info/rest/",
-                    "status": s.app_info.get("STATUS").cloned().unwrap_or(json!("L")),
-                    "client_endpoint": client_endpoint,
-                    "member_id": s.cfg.member_id,
-                    "user_id": 1,
-                    "refresh_token": refresh,
-                }),
-            )
-        }
-        Err(e) => e.into(),
+/// Our administrator, the identity of the simulator's own look-ups.
+fn admin_caller(s: &State) -> Caller {
+    Caller {
+        user: 1,
+        client_id: s.our_client_id(),
     }
 }

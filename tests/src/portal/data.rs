@@ -215,10 +215,99 @@ pub fn requisite(id: u64) -> Value {
     })
 }
 
-/// The entity types `crm.item.get` knows: lead, deal, contact, company, quote, smart
-/// invoice, and smart processes (128 and up).
-pub fn entity_type_exists(entity_type_id: u64) -> bool {
-    matches!(entity_type_id, 1 | 2 | 3 | 4 | 7 | 31) || (128..=1_000_000).contains(&entity_type_id)
+/// The system CRM types `crm.item.get` knows: lead, deal, contact, company, quote,
+/// smart invoice. Smart processes exist only once added to the portal.
+pub fn system_entity_type(entity_type_id: u64) -> bool {
+    matches!(entity_type_id, 1 | 2 | 3 | 4 | 7 | 31)
+}
+
+/// The fields of a smart process type `crm.type.list` filters and sorts by.
+pub const TYPE_FIELDS: &[&str] = &[
+    "id",
+    "title",
+    "code",
+    "createdBy",
+    "entityTypeId",
+    "customSectionId",
+    "isCategoriesEnabled",
+    "isStagesEnabled",
+    "isBeginCloseDatesEnabled",
+    "isClientEnabled",
+    "isUseInUserfieldEnabled",
+    "isLinkWithProductsEnabled",
+    "isMycompanyEnabled",
+    "isDocumentsEnabled",
+    "isSourceEnabled",
+    "isObserversEnabled",
+    "isRecyclebinEnabled",
+    "isAutomationEnabled",
+    "isBizProcEnabled",
+    "isSetOpenPermissions",
+    "isPaymentsEnabled",
+    "isCountersEnabled",
+    "createdTime",
+    "updatedTime",
+    "updatedBy",
+];
+
+/// A smart process as `crm.type.list` lists it
+/// (api-reference/crm/universal/user-defined-object-types/crm-type-list.md).
+pub fn smart_process_type(id: u64, entity_type_id: u64, title: &str, created: &str) -> Value {
+    let yn = |salt| {
+        if mix(entity_type_id, salt).is_multiple_of(2) {
+            "Y"
+        } else {
+            "N"
+        }
+    };
+    json!({
+        "id": id,
+        "title": title,
+        "code": "",
+        "createdBy": 1,
+        "entityTypeId": entity_type_id,
+        "customSectionId": Value::Null,
+        "isCategoriesEnabled": yn(60),
+        "isStagesEnabled": "Y",
+        "isBeginCloseDatesEnabled": yn(61),
+        "isClientEnabled": "Y",
+        "isUseInUserfieldEnabled": yn(62),
+        "isLinkWithProductsEnabled": yn(63),
+        "isMycompanyEnabled": yn(64),
+        "isDocumentsEnabled": yn(65),
+        "isSourceEnabled": yn(66),
+        "isObserversEnabled": yn(67),
+        "isRecyclebinEnabled": yn(68),
+        "isAutomationEnabled": yn(69),
+        "isBizProcEnabled": yn(70),
+        "isSetOpenPermissions": yn(71),
+        "isPaymentsEnabled": "N",
+        "isCountersEnabled": "N",
+        "createdTime": created,
+        "updatedTime": created,
+        "updatedBy": 1,
+    })
+}
+
+/// `user.current` (api-reference/user/user-current.md): `ID` as a string, `ACTIVE` a
+/// boolean, departments for employees (none for an extranet user).
+pub fn user(u: &super::state::User) -> Value {
+    json!({
+        "ID": u.id.to_string(),
+        "ACTIVE": true,
+        "NAME": u.name,
+        "LAST_NAME": u.last_name,
+        "EMAIL": format!("user{}@example.com", u.id),
+        "LAST_LOGIN": date(u.id, 50, 200),
+        "DATE_REGISTER": date(u.id, 51, 0),
+        "IS_ONLINE": "Y",
+        "LAST_ACTIVITY_DATE": date(u.id, 50, 200),
+        "PERSONAL_GENDER": "",
+        "PERSONAL_BIRTHDAY": "",
+        "WORK_POSITION": if u.admin { "Administrator" } else { "" },
+        "UF_EMPLOYMENT_DATE": "",
+        "UF_DEPARTMENT": if u.intranet { json!([1]) } else { json!([]) },
+    })
 }
 
 /// `crm.item.get`: `{"item": {...}}`, camelCase keys, numbers as numbers.

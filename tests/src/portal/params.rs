@@ -250,15 +250,13 @@ pub fn php_map(entries: Vec<(String, Value)>) -> Value {
     }
 }
 
-/// A top-level parameter, its name compared case-insensitively (Bitrix24 accepts `id`
-/// and `ID` alike).
+/// A top-level parameter, its name matched exactly as the method's documentation
+/// spells it (`id` for `crm.deal.get`, `PLACEMENT` for `placement.bind`,
+/// `entityTypeId` for `crm.item.get`): a name in another letter case is a parameter the
+/// method does not read, as PHP's `$params['id']` does not read `ID`. The names each
+/// method reads are listed in `methods::PARAMS`.
 pub fn param<'a>(params: &'a Value, name: &str) -> Option<&'a Value> {
-    let o = params.as_object()?;
-    o.get(name).or_else(|| {
-        o.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-    })
+    params.as_object()?.get(name)
 }
 
 /// A parameter as text: strings as they are, numbers and booleans as PHP prints them.

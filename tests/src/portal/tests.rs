@@ -4,7 +4,7 @@ use super::*;
 use crate::http::{HttpClient, FORM, JSON};
 use crate::phpform::http_build_query;
 
-async fn portal_with(tune: impl FnOnce(&mut PortalConfig)) -> (SimPortal, HttpClient) {
+pub(super) async fn portal_with(tune: impl FnOnce(&mut PortalConfig)) -> (SimPortal, HttpClient) {
     let mut cfg = PortalConfig::default();
     tune(&mut cfg);
     let portal = SimPortal::start(cfg).await;
@@ -12,16 +12,21 @@ async fn portal_with(tune: impl FnOnce(&mut PortalConfig)) -> (SimPortal, HttpCl
     (portal, http)
 }
 
-fn parse(body: &str) -> Value {
+/// A client of the portal's OAuth server (another port, as another host).
+pub(super) fn oauth_http(portal: &SimPortal) -> HttpClient {
+    HttpClient::new(portal.oauth_addr())
+}
+
+pub(super) fn parse(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or(Value::Null)
 }
 
-async fn get(http: &HttpClient, path: &str) -> (u16, Value) {
+pub(super) async fn get(http: &HttpClient, path: &str) -> (u16, Value) {
     let a = http.get(path).await.expect("portal answers");
     (a.status.as_u16(), parse(&a.body))
 }
 
-async fn post_json(http: &HttpClient, path: &str, body: Value) -> (u16, Value, String) {
+pub(super) async fn post_json(http: &HttpClient, path: &str, body: Value) -> (u16, Value, String) {
     let a = http
         .post(path, Some(JSON), body.to_string())
         .await
@@ -29,7 +34,7 @@ async fn post_json(http: &HttpClient, path: &str, body: Value) -> (u16, Value, S
     (a.status.as_u16(), parse(&a.body), a.body)
 }
 
-fn refresh_path(portal: &SimPortal, refresh: &str) -> String {
+pub(super) fn refresh_path(portal: &SimPortal, refresh: &str) -> String {
     format!(
         "/oauth/token/?grant_type=refresh_token&client_id={}&client_secret={}&refresh_token={refresh}",
         portal.client_id(),
@@ -92,6 +97,7 @@ async fn bucket_answers_503_beyond_the_burst_and_recovers_at_the_rate() {
 #[tokio::test]
 async fn refresh_is_single_use_and_kills_the_access_token_issued_with_it() {
     let (portal, http) = portal_with(|_| {}).await;
+    let oauth = oauth_http(&portal);
     let (a1, r1) = portal.issue_tokens();
     let (other_access, _) = portal.issue_tokens();
     assert_eq!(
@@ -99,12 +105,22 @@ async fn refresh_is_single_use_and_kills_the_access_token_issued_with_it() {
         200
     );
 
-    let (status, pair) = get(&http, &refresh_path(&portal, &r1)).await;
+    let (status, pair) = get(&oauth, &refresh_path(&portal, &r1)).await;
     assert_eq!(status, 200, "{pair}");
     assert_eq!(pair["member_id"], json!(portal.member_id()));
     assert_eq!(pair["expires_in"], 3600);
-    assert_eq!(pair["domain"], "oauth.bitrix.info");
+    // The authorization server's own domain and endpoint, never the portal's.
+    assert_eq!(pair["domain"], json!(portal.oauth_domain()));
+    assert_ne!(pair["domain"], json!(portal.domain()));
+    assert_eq!(pair["server_endpoint"], json!(portal.server_endpoint()));
     assert_eq!(pair["client_endpoint"], json!(portal.client_endpoint()));
+    assert_eq!(
+        (pair["user_id"].clone(), pair["status"].clone()),
+        (json!(1), json!("L"))
+    );
+    assert_eq!(pair["scope"], "crm,placement");
+    // The portal itself has no token endpoint.
+    assert_eq!(get(&http, &refresh_path(&portal, &r1)).await.0, 404);
     let a2 = pair["access_token"].as_str().unwrap_or_default().to_owned();
     let r2 = pair["refresh_token"]
         .as_str()
@@ -129,7 +145,7 @@ async fn refresh_is_single_use_and_kills_the_access_token_issued_with_it() {
         "other pairs live on"
     );
 
-    let (status, body) = get(&http, &refresh_path(&portal, &r1)).await;
+    let (status, body) = get(&oauth, &refresh_path(&portal, &r1)).await;
     assert_eq!(status, 400);
     assert_eq!(
         body,
@@ -140,7 +156,7 @@ async fn refresh_is_single_use_and_kills_the_access_token_issued_with_it() {
     let wrong = format!(
         "/oauth/token/?grant_type=refresh_token&client_id=x&client_secret=y&refresh_token={r2}"
     );
-    let (status, body) = get(&http, &wrong).await;
+    let (status, body) = get(&oauth, &wrong).await;
     assert_eq!(
         (status, body["error"].as_str()),
         (401, Some("invalid_client"))
@@ -152,7 +168,7 @@ async fn refresh_is_single_use_and_kills_the_access_token_issued_with_it() {
         portal.client_id(),
         portal.client_secret()
     );
-    let a = http
+    let a = oauth
         .post("/oauth/token/", Some(FORM), form)
         .await
         .expect("answers");
@@ -181,7 +197,7 @@ async fn expired_access_token_answers_401_expired_token_until_refreshed() {
         json!({"error": "expired_token", "error_description": "The access token provided has expired."})
     );
 
-    let (_, pair) = get(&http, &refresh_path(&portal, &refresh)).await;
+    let (_, pair) = get(&oauth_http(&portal), &refresh_path(&portal, &refresh)).await;
     let fresh = pair["access_token"].as_str().unwrap_or_default().to_owned();
     assert_eq!(
         get(&http, &format!("/rest/app.info?auth={fresh}")).await.0,
@@ -230,7 +246,7 @@ async fn auth_is_read_from_body_query_or_bearer_header_and_its_absence_is_no_aut
         .as_str()
         .is_some_and(|d| d.ends_with("+03:00")));
 
-    let form = http_build_query(&json!({"ID": "9", "auth": access}));
+    let form = http_build_query(&json!({"id": "9", "auth": access}));
     let a = http
         .post("/rest/crm.deal.recurring.get", Some(FORM), form)
         .await
@@ -327,7 +343,7 @@ async fn entities_can_be_missing_and_unknown_methods_are_404() {
         ),
         (Some("P"), Some(-3))
     );
-    assert_eq!(body["result"]["CODE"], "b24.pipeline");
+    assert_eq!(body["result"]["CODE"], json!(portal.client_id()));
 }
 
 #[tokio::test]
@@ -355,7 +371,13 @@ async fn batch_with_one_failing_command_gives_result_and_result_error() {
         (r["result_total"].clone(), r["result_next"].clone()),
         (json!([]), json!([]))
     );
-    assert!(r["result_time"]["a"]["operating"].is_number());
+    // The documentation's result_time entries have no operating fields.
+    let a_time = &r["result_time"]["a"];
+    assert!(a_time["processing"].is_number() && a_time["date_start"].is_string());
+    assert!(
+        a_time.get("operating").is_none() && a_time.get("operating_reset_at").is_none(),
+        "{a_time}"
+    );
     assert!(
         body["time"].get("operating").is_none(),
         "batch itself is not counted"
@@ -392,7 +414,7 @@ async fn batch_without_errors_writes_result_error_as_an_empty_array() {
     let r = &parse(&a.body)["result"];
     assert_eq!(r["result"][0]["ID"], "5");
     assert_eq!(r["result"][1]["item"]["id"], 5);
-    assert_eq!(r["result"][2]["CODE"], "b24.pipeline");
+    assert_eq!(r["result"][2]["CODE"], json!(portal.client_id()));
     assert_eq!(r["result_time"].as_array().map(Vec::len), Some(3));
 }
 
@@ -574,8 +596,9 @@ async fn failure_switches_answer_as_asked_then_stop() {
 
     portal.fail_next_oauth(1, 503, "INTERNAL_SERVER_ERROR");
     let (_, refresh) = portal.issue_tokens();
-    assert_eq!(get(&http, &refresh_path(&portal, &refresh)).await.0, 503);
-    assert_eq!(get(&http, &refresh_path(&portal, &refresh)).await.0, 200);
+    let oauth = oauth_http(&portal);
+    assert_eq!(get(&oauth, &refresh_path(&portal, &refresh)).await.0, 503);
+    assert_eq!(get(&oauth, &refresh_path(&portal, &refresh)).await.0, 200);
 }
 
 #[tokio::test]
@@ -610,7 +633,7 @@ async fn a_moved_portal_redirects_and_serves_at_its_new_address() {
         (200, json!("3"))
     );
 
-    let (_, pair) = get(&http, &refresh_path(&portal, &refresh)).await;
+    let (_, pair) = get(&oauth_http(&portal), &refresh_path(&portal, &refresh)).await;
     assert_eq!(pair["client_endpoint"], json!(moved));
     portal.redirect_to(None);
     assert_eq!(
@@ -732,12 +755,25 @@ async fn bindings_are_recorded_listed_and_refused_twice() {
     let (status, body, _) = post_json(
         &http,
         "/rest/event.bind",
-        json!({"event": "ONX", "auth": access}),
+        json!({"event": "ONCRMDEALADD", "auth": access}),
     )
     .await;
     assert_eq!(
         (status, body["error"].as_str()),
         (400, Some("ERROR_ARGUMENT"))
+    );
+    let (status, body, _) = post_json(
+        &http,
+        "/rest/event.bind",
+        json!({"event": "ONX", "handler": "http://app/events", "auth": access}),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (
+            400,
+            json!({"error": "ERROR_EVENT_NOT_FOUND", "error_description": "Event not found"})
+        )
     );
 
     let placement = json!({"PLACEMENT": "CRM_DEAL_DETAIL_ACTIVITY", "HANDLER": "http://app/placement", "TITLE": "Pipeline", "auth": access});
@@ -800,4 +836,653 @@ async fn garbage_never_takes_the_portal_down() {
     }
     assert_eq!(http.get("/healthz").await.expect("answers").body, "ok");
     assert!(portal.calls().len() >= bodies.len());
+}
+
+/// A REST call with `token`: (status, body).
+pub(super) async fn call(
+    http: &HttpClient,
+    method: &str,
+    token: &str,
+    mut params: Value,
+) -> (u16, Value) {
+    params["auth"] = json!(token);
+    let (status, body, _) = post_json(http, &format!("/rest/{method}"), params).await;
+    (status, body)
+}
+
+#[tokio::test]
+async fn parameter_names_are_matched_exactly_as_documented() {
+    let (portal, http) = portal_with(|_| {}).await;
+    let (access, refresh) = portal.issue_tokens();
+    // crm.deal.get reads `id`; `ID` is a parameter it does not read.
+    let (status, body) = call(&http, "crm.deal.get", &access, json!({"ID": 5})).await;
+    assert_eq!(
+        (status, body),
+        (
+            400,
+            json!({"error": "", "error_description": "ID is not defined or invalid."})
+        )
+    );
+    assert_eq!(
+        call(&http, "crm.deal.get", &access, json!({"id": 5}))
+            .await
+            .1["result"]["ID"],
+        "5"
+    );
+    let (status, body) = call(
+        &http,
+        "crm.item.get",
+        &access,
+        json!({"entitytypeid": 2, "id": 5}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error_description"].as_str()),
+        (400, Some("SPA not found"))
+    );
+    let (status, body) = call(&http, "crm.requisite.get", &access, json!({"Id": 3})).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = call(
+        &http,
+        "event.bind",
+        &access,
+        json!({"EVENT": "ONCRMDEALADD", "HANDLER": "http://app/events"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("ERROR_ARGUMENT"))
+    );
+    // Inside a batch too.
+    let (_, body) = call(
+        &http,
+        "batch",
+        &access,
+        json!({"cmd": {"a": "crm.deal.get?ID=1", "b": "crm.deal.get?id=1"}}),
+    )
+    .await;
+    assert_eq!(
+        body["result"]["result_error"]["a"]["error_description"],
+        "ID is not defined or invalid."
+    );
+    assert_eq!(body["result"]["result"]["b"]["ID"], "1");
+    // The OAuth server reads its parameters by name too.
+    let shouting = format!(
+        "/oauth/token/?GRANT_TYPE=refresh_token&client_id={}&client_secret={}&refresh_token={refresh}",
+        portal.client_id(),
+        portal.client_secret()
+    );
+    let (status, body) = get(&oauth_http(&portal), &shouting).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+}
+
+#[tokio::test]
+async fn placement_bind_answers_its_documented_errors_with_http_200() {
+    let (portal, http) = portal_with(|_| {}).await;
+    let (access, _) = portal.issue_tokens();
+    let (status, body) = call(
+        &http,
+        "placement.bind",
+        &access,
+        json!({"placement": "CRM_DEAL_DETAIL_ACTIVITY", "HANDLER": "http://app/placement"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (
+            200,
+            json!({"error": "ERROR_ARGUMENT", "error_description": "Argument 'PLACEMENT' is null or empty", "argument": "PLACEMENT"})
+        )
+    );
+    let (status, body) = call(
+        &http,
+        "placement.bind",
+        &access,
+        json!({"PLACEMENT": "CRM_DEAL_DETAIL_ACTIVITY", "HANDLER": "http://app/placement", "USER_ID": 1}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (200, Some("ERROR_PLACEMENT_USER_MODE"))
+    );
+    let recorded = portal.calls();
+    assert_eq!(
+        (recorded[0].status, recorded[0].error.as_deref()),
+        (200, Some("ERROR_ARGUMENT"))
+    );
+    // A widget of a smart process the portal does not have.
+    let (status, body) = call(
+        &http,
+        "placement.bind",
+        &access,
+        json!({"PLACEMENT": "CRM_DYNAMIC_1038_DETAIL_ACTIVITY", "HANDLER": "http://app/placement"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("ERROR_PLACEMENT_NOT_FOUND"))
+    );
+    portal.add_smart_process(1038);
+    let (status, body) = call(
+        &http,
+        "placement.bind",
+        &access,
+        json!({"PLACEMENT": "CRM_DYNAMIC_1038_DETAIL_ACTIVITY", "HANDLER": "http://app/placement"}),
+    )
+    .await;
+    assert_eq!((status, body["result"].clone()), (200, json!(true)));
+    // In a batch an error with status 200 is still an error.
+    let (_, body) = call(
+        &http,
+        "batch",
+        &access,
+        json!({"cmd": {"p": "placement.bind?HANDLER=http%3A%2F%2Fapp%2Fp"}}),
+    )
+    .await;
+    assert_eq!(
+        body["result"]["result_error"]["p"]["error"],
+        "ERROR_ARGUMENT"
+    );
+    // placement.unbind counts two per removed handler, as documented.
+    let (status, body) = call(
+        &http,
+        "placement.unbind",
+        &access,
+        json!({"PLACEMENT": "CRM_DYNAMIC_1038_DETAIL_ACTIVITY"}),
+    )
+    .await;
+    assert_eq!((status, body["result"].clone()), (200, json!({"count": 2})));
+    let (status, body) = call(&http, "placement.unbind", &access, json!({})).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("ERROR_ARGUMENT"))
+    );
+}
+
+#[tokio::test]
+async fn batch_result_time_carries_operating_only_when_switched_on() {
+    let (portal, http) = portal_with(|c| c.batch_operating = true).await;
+    let (access, _) = portal.issue_tokens();
+    let (_, body) = call(
+        &http,
+        "batch",
+        &access,
+        json!({"cmd": {"a": "crm.deal.get?id=1"}}),
+    )
+    .await;
+    let t = &body["result"]["result_time"]["a"];
+    assert!(
+        t["operating"].is_number() && t["operating_reset_at"].is_u64(),
+        "{t}"
+    );
+    // A single call always has them.
+    let (_, body) = call(&http, "crm.deal.get", &access, json!({"id": 1})).await;
+    assert!(body["time"]["operating"].is_number());
+}
+
+#[tokio::test]
+async fn app_info_answers_as_a_local_application_of_the_tokens_app() {
+    let (portal, http) = portal_with(|_| {}).await;
+    let (access, _) = portal.issue_tokens();
+    let (_, body) = call(&http, "app.info", &access, json!({})).await;
+    let info = &body["result"];
+    assert_eq!(info["CODE"], json!(portal.client_id()));
+    assert_eq!(
+        (
+            info["STATUS"].clone(),
+            info["DAYS"].clone(),
+            info["INSTALLED"].clone()
+        ),
+        (json!("L"), Value::Null, json!(false)),
+        "{info}"
+    );
+    assert_eq!(info["VERSION"], 1);
+    portal.mark_installed("0123456789abcdef0123456789abcdef");
+    assert_eq!(
+        call(&http, "app.info", &access, json!({})).await.1["result"]["INSTALLED"],
+        true
+    );
+    assert_eq!(
+        portal.application_token(),
+        "0123456789abcdef0123456789abcdef"
+    );
+    // Another application's token speaks for that application.
+    let (theirs, _) = portal.issue_tokens_for_app("local.other.app", UserId::ADMIN);
+    let (_, body) = call(&http, "app.info", &theirs, json!({})).await;
+    assert_eq!(body["result"]["CODE"], "local.other.app");
+    assert_ne!(body["result"]["ID"], info["ID"]);
+}
+
+#[tokio::test]
+async fn users_have_their_own_tokens_and_rights() {
+    let (portal, http) = portal_with(|_| {}).await;
+    let (admin, _) = portal.issue_tokens();
+    let employee = portal.add_user(UserSpec::employee());
+    let no_crm = portal.add_user(UserSpec::employee().without_crm());
+    let guest = portal.add_user(UserSpec::extranet());
+    let second_admin = portal.add_user(UserSpec::admin());
+    assert_eq!(
+        (employee, no_crm, guest, second_admin),
+        (UserId(2), UserId(3), UserId(4), UserId(5))
+    );
+    let (e, _) = portal.issue_tokens_for(employee);
+    let (n, _) = portal.issue_tokens_for(no_crm);
+    let (g, _) = portal.issue_tokens_for(guest);
+    let (a2, _) = portal.issue_tokens_for(second_admin);
+
+    for (token, admin_flag, id) in [
+        (&admin, true, "1"),
+        (&e, false, "2"),
+        (&g, false, "4"),
+        (&a2, true, "5"),
+    ] {
+        assert_eq!(
+            call(&http, "user.admin", token, json!({})).await.1["result"],
+            admin_flag
+        );
+        assert_eq!(
+            call(&http, "user.current", token, json!({})).await.1["result"]["ID"],
+            id
+        );
+    }
+    assert_eq!(
+        call(&http, "user.current", &g, json!({})).await.1["result"]["UF_DEPARTMENT"],
+        json!([])
+    );
+
+    // CRM reads: the employee reads, the one without CRM access gets ACCESS_DENIED,
+    // the extranet user 403 (crm-item-get.md's error table).
+    let item = json!({"entityTypeId": 2, "id": 5});
+    assert_eq!(call(&http, "crm.item.get", &e, item.clone()).await.0, 200);
+    assert_eq!(
+        call(&http, "crm.item.get", &n, item.clone()).await,
+        (
+            400,
+            json!({"error": "ACCESS_DENIED", "error_description": "You do not have permission to view this item"})
+        )
+    );
+    assert_eq!(
+        call(&http, "crm.item.get", &g, item).await,
+        (
+            403,
+            json!({"error": "allowed_only_intranet_user", "error_description": "Action is allowed only to intranet users"})
+        )
+    );
+    for (method, denied) in [
+        ("crm.deal.get", "Access denied"),
+        ("crm.deal.recurring.get", "Access denied"),
+        ("crm.requisite.get", "Access denied."),
+    ] {
+        for token in [&n, &g] {
+            assert_eq!(
+                call(&http, method, token, json!({"id": 9})).await,
+                (400, json!({"error": "", "error_description": denied})),
+                "{method}"
+            );
+        }
+        assert_eq!(
+            call(&http, method, &e, json!({"id": 9})).await.0,
+            200,
+            "{method}"
+        );
+    }
+    assert_eq!(
+        portal.expected_as(no_crm, "crm.deal.get", json!({"id": 9})),
+        Err(ApiError::with(400, "", "Access denied"))
+    );
+
+    // Administrators only.
+    for (method, params) in [
+        (
+            "placement.bind",
+            json!({"PLACEMENT": "CRM_DEAL_DETAIL_ACTIVITY", "HANDLER": "http://x/p"}),
+        ),
+        ("placement.get", json!({})),
+        ("event.offline.get", json!({})),
+        ("event.offline.list", json!({})),
+        ("event.offline.clear", json!({"process_id": "x"})),
+    ] {
+        assert_eq!(
+            call(&http, method, &e, params).await,
+            (
+                403,
+                json!({"error": "ACCESS_DENIED", "error_description": "Access denied!"})
+            ),
+            "{method}"
+        );
+    }
+    let (status, body) = call(
+        &http,
+        "event.bind",
+        &e,
+        json!({"event": "ONCRMDEALUPDATE", "event_type": "offline"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error_description"].as_str()),
+        (
+            403,
+            Some("Access denied! Offline events binding requires administrator access rights")
+        )
+    );
+    let (status, body) = call(
+        &http,
+        "event.bind",
+        &e,
+        json!({"event": "ONCRMDEALUPDATE", "handler": "http://x/e", "auth_type": 1}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error_description"].as_str()),
+        (
+            403,
+            Some(
+                "Access denied! Event binding with AUTH_TYPE requires administrator access rights"
+            )
+        )
+    );
+    // A user's own handler is bound on their behalf and only they see it.
+    assert_eq!(
+        call(
+            &http,
+            "event.bind",
+            &e,
+            json!({"event": "ONCRMDEALUPDATE", "handler": "http://x/e"})
+        )
+        .await
+        .1["result"],
+        true
+    );
+    assert_eq!(
+        call(
+            &http,
+            "event.bind",
+            &admin,
+            json!({"event": "ONCRMDEALADD", "handler": "http://x/a"})
+        )
+        .await
+        .1["result"],
+        true
+    );
+    let mine = call(&http, "event.get", &e, json!({})).await.1["result"].clone();
+    assert_eq!(
+        mine,
+        json!([{"event": "ONCRMDEALUPDATE", "handler": "http://x/e", "auth_type": "2", "offline": 0}])
+    );
+    assert_eq!(
+        portal.event_bindings().len(),
+        2,
+        "the administrator sees both"
+    );
+    let (status, _) = call(
+        &http,
+        "event.unbind",
+        &e,
+        json!({"event": "ONCRMDEALADD", "auth_type": 0}),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (_, body) = call(&http, "event.unbind", &e, json!({})).await;
+    assert_eq!(
+        body["result"],
+        json!({"count": 1}),
+        "only their own handler"
+    );
+    assert_eq!(portal.event_bindings().len(), 1);
+
+    // crm.type.list: CRM administrators; extranet users 403.
+    assert_eq!(
+        call(&http, "crm.type.list", &e, json!({})).await,
+        (
+            400,
+            json!({"error": "ACCESS_DENIED", "error_description": "Access denied"})
+        )
+    );
+    assert_eq!(call(&http, "crm.type.list", &g, json!({})).await.0, 403);
+    assert_eq!(call(&http, "crm.type.list", &a2, json!({})).await.0, 200);
+}
+
+#[tokio::test]
+async fn tokens_belong_to_their_user_and_application() {
+    let (portal, http) = portal_with(|_| {}).await;
+    let oauth = oauth_http(&portal);
+    let employee = portal.add_user(UserSpec::employee());
+    let (_, r) = portal.issue_tokens_for(employee);
+    let (_, pair) = get(&oauth, &refresh_path(&portal, &r)).await;
+    assert_eq!(pair["user_id"], 2);
+    let fresh = pair["access_token"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(
+        call(&http, "user.admin", &fresh, json!({})).await.1["result"],
+        false
+    );
+
+    // Another application's refresh token, refreshed with our credentials: refused as
+    // issued to another client, and not spent.
+    let (theirs, their_refresh) = portal.issue_tokens_for_app("local.other.app", UserId::ADMIN);
+    let (status, body) = get(&oauth, &refresh_path(&portal, &their_refresh)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    let secret = portal
+        .client_secret_of("local.other.app")
+        .expect("registered");
+    let theirs_path = format!(
+        "/oauth/token/?grant_type=refresh_token&client_id=local.other.app&client_secret={secret}&refresh_token={their_refresh}"
+    );
+    let (status, pair) = get(&oauth, &theirs_path).await;
+    assert_eq!(status, 200, "{pair}");
+    assert_eq!(
+        pair["member_id"],
+        json!(portal.member_id()),
+        "the same portal"
+    );
+    // What another application binds is its own.
+    let (their_new, _) = (
+        pair["access_token"].as_str().unwrap_or_default().to_owned(),
+        (),
+    );
+    assert_eq!(
+        call(
+            &http,
+            "event.bind",
+            &their_new,
+            json!({"event": "ONAPPINSTALL", "handler": "http://evil/e"})
+        )
+        .await
+        .1["result"],
+        true
+    );
+    assert!(portal.event_bindings().is_empty());
+    assert_eq!(portal.event_bindings_of("local.other.app").len(), 1);
+    assert_eq!(
+        call(&http, "app.info", &theirs, json!({})).await.0,
+        401,
+        "refreshed away"
+    );
+    // The authorization server's app.info names the token's application.
+    let (_, info) = get(&oauth, &format!("/rest/app.info?auth={their_new}")).await;
+    assert_eq!(info["result"]["CODE"], "local.other.app");
+}
+
+#[tokio::test]
+async fn payment_required_stops_rest_and_refresh_until_lifted() {
+    let (portal, http) = portal_with(|_| {}).await;
+    let oauth = oauth_http(&portal);
+    let (access, refresh) = portal.issue_tokens();
+    portal.set_payment_required(true);
+    assert_eq!(
+        call(&http, "crm.deal.get", &access, json!({"id": 1})).await,
+        (
+            402,
+            json!({"error": "PAYMENT_REQUIRED", "error_description": "Payment required"})
+        )
+    );
+    let (status, body) = get(&oauth, &refresh_path(&portal, &refresh)).await;
+    assert_eq!(
+        (status, body),
+        (
+            401,
+            json!({"error": "PAYMENT_REQUIRED", "error_description": "Payment required"})
+        )
+    );
+    // The authorization server still tells the application's state.
+    let (status, info) = get(&oauth, &format!("/rest/app.info?auth={access}")).await;
+    assert_eq!(
+        (status, info["result"]["PAYMENT_EXPIRED"].clone()),
+        (200, json!("Y"))
+    );
+    // Another application on the portal is not affected.
+    let (theirs, _) = portal.issue_tokens_for_app("local.other.app", UserId::ADMIN);
+    assert_eq!(
+        call(&http, "crm.deal.get", &theirs, json!({"id": 1}))
+            .await
+            .0,
+        200
+    );
+    portal.set_payment_required(false);
+    assert_eq!(
+        call(&http, "crm.deal.get", &access, json!({"id": 1}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        get(&oauth, &refresh_path(&portal, &refresh)).await.0,
+        200,
+        "the refused refresh did not spend the token"
+    );
+}
+
+#[tokio::test]
+async fn a_closed_portal_answers_portal_deleted_until_reopened() {
+    let (portal, http) = portal_with(|_| {}).await;
+    let (access, refresh) = portal.issue_tokens();
+    portal.set_portal_deleted(true);
+    assert_eq!(
+        call(&http, "app.info", &access, json!({})).await,
+        (
+            500,
+            json!({"error": "PORTAL_DELETED", "error_description": "Portal was deleted"})
+        )
+    );
+    assert_eq!(
+        call(&http, "batch", &access, json!({"cmd": ["app.info"]}))
+            .await
+            .0,
+        500
+    );
+    assert_eq!(
+        get(&oauth_http(&portal), &refresh_path(&portal, &refresh))
+            .await
+            .0,
+        200,
+        "the authorization server is another host"
+    );
+    portal.set_portal_deleted(false);
+    let (fresh, _) = portal.issue_tokens();
+    assert_eq!(call(&http, "app.info", &fresh, json!({})).await.0, 200);
+}
+
+#[tokio::test]
+async fn crm_type_list_pages_the_portals_smart_processes() {
+    let (portal, http) = portal_with(|c| c.smart_processes = vec![]).await;
+    let (access, _) = portal.issue_tokens();
+    let (_, body) = call(&http, "crm.type.list", &access, json!({})).await;
+    assert_eq!(
+        (body["result"]["types"].clone(), body["total"].clone()),
+        (json!([]), json!(0))
+    );
+    // Without the type, its items and widget do not exist.
+    assert_eq!(
+        call(
+            &http,
+            "crm.item.get",
+            &access,
+            json!({"entityTypeId": 183, "id": 3})
+        )
+        .await
+        .1["error_description"],
+        "SPA not found"
+    );
+    for t in 0..60u64 {
+        portal.add_smart_process(1000 + 2 * t);
+    }
+    let (_, first) = call(&http, "crm.type.list", &access, json!({})).await;
+    assert_eq!(first["result"]["types"].as_array().map(Vec::len), Some(50));
+    assert_eq!(
+        (first["total"].clone(), first["next"].clone()),
+        (json!(60), json!(50))
+    );
+    let t0 = &first["result"]["types"][0];
+    assert_eq!(
+        (t0["id"].clone(), t0["entityTypeId"].clone()),
+        (json!(1), json!(1000))
+    );
+    let (_, second) = call(&http, "crm.type.list", &access, json!({"start": 50})).await;
+    assert_eq!(second["result"]["types"].as_array().map(Vec::len), Some(10));
+    assert!(second.get("next").is_none());
+    let (_, one) = call(
+        &http,
+        "crm.type.list",
+        &access,
+        json!({"filter": {"entityTypeId": 1038}}),
+    )
+    .await;
+    assert_eq!(one["result"]["types"][0]["entityTypeId"], 1038);
+    assert_eq!(one["total"], 1);
+    let (_, desc) = call(
+        &http,
+        "crm.type.list",
+        &access,
+        json!({"order": {"id": "DESC"}}),
+    )
+    .await;
+    assert_eq!(desc["result"]["types"][0]["entityTypeId"], 1118);
+    let (status, body) = call(
+        &http,
+        "crm.type.list",
+        &access,
+        json!({"filter": {"nope": 1}}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("INVALID_ARG_VALUE"))
+    );
+    // In a batch, the list's total and next arrive in result_total/result_next.
+    let (_, b) = call(
+        &http,
+        "batch",
+        &access,
+        json!({"cmd": {"t": "crm.type.list"}}),
+    )
+    .await;
+    assert_eq!(
+        (
+            b["result"]["result_total"]["t"].clone(),
+            b["result"]["result_next"]["t"].clone()
+        ),
+        (json!(60), json!(50))
+    );
+    assert_eq!(
+        call(
+            &http,
+            "crm.item.get",
+            &access,
+            json!({"entityTypeId": 1038, "id": 3})
+        )
+        .await
+        .1["result"]["item"]["entityTypeId"],
+        1038
+    );
+    assert_eq!(
+        portal
+            .expected("crm.type.list", json!({"filter": {"entityTypeId": 1000}}))
+            .map(|r| r["types"][0]["id"].clone()),
+        Ok(json!(1))
+    );
 }
