@@ -9,5 +9,6 @@ mod ingress_rejects;
 mod ingress_seeds;
 mod ingress_shutdown;
 mod metrics_coverage;
+mod sim_pipeline;
 mod worker_failures;
 mod worker_seeds;

@@ -1,5 +1,5 @@
 use b24_tests::fixtures;
-use b24_tests::pipeline::{Pipeline, SEED_MEMBER};
+use b24_tests::pipeline::{Pipeline, SEED_DOMAIN, SEED_MEMBER};
 use b24_tests::portal::{CallKind, PortalConfig};
 use serde_json::json;
 use std::time::Duration;
@@ -49,7 +49,20 @@ async fn install_verifies_tokens_stores_the_portal_and_binds_handlers() {
 
 #[tokio::test]
 async fn deal_recurring_seed_stores_the_new_deal_and_its_template() {
-    let p = Pipeline::start("w-deal", 1, &[]).await;
+    // The documentation's batch result_time entries carry no operating time; this
+    // portal sends it, to check the worker keeps it when Bitrix24 does.
+    let p = Pipeline::start_with(
+        "w-deal",
+        1,
+        PortalConfig {
+            member_id: SEED_MEMBER.into(),
+            domain: SEED_DOMAIN.into(),
+            batch_operating: true,
+            ..PortalConfig::default()
+        },
+        &[],
+    )
+    .await;
     p.install_seed_portal().await;
     p.portal.clear_calls();
     p.post("/events", &fixtures::deal_recurring_expose()).await;
