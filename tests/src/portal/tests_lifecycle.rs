@@ -354,7 +354,7 @@ async fn the_browser_stand_in_binds_only_literal_urls_and_needs_the_library() {
 #[tokio::test]
 async fn events_reach_every_online_binding_and_a_failed_delivery_is_lost() {
     let (portal, http, app, _) = installed_with(&["ONAPPINSTALL"], |c| {
-        c.delivery_timeout = Duration::from_millis(300)
+        c.delivery_timeout = Duration::from_secs(1)
     })
     .await;
     let (admin, _) = portal.issue_tokens();
@@ -405,7 +405,7 @@ async fn events_reach_every_online_binding_and_a_failed_delivery_is_lost() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(app.got("/a").len(), 2, "one attempt each, no retry");
     // Too slow: lost too.
-    *app.delay.lock().unwrap_or_else(|e| e.into_inner()) = Duration::from_millis(600);
+    *app.delay.lock().unwrap_or_else(|e| e.into_inner()) = Duration::from_secs(2);
     let report = portal.add_requisite(29).await;
     assert!(report
         .iter()
