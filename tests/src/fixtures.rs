@@ -49,6 +49,17 @@ pub fn install() -> Value {
     load("install.json")
 }
 
+/// `ONAPPINSTALL` as its documentation page shows it: a version such as `1.0.0`, and
+/// in `auth` the endpoints, `member_id` and `application_token` but no OAuth tokens.
+pub fn app_install() -> Value {
+    load("app_install.json")
+}
+
+/// `ONAPPUPDATE` as its documentation page shows it: tokens, no endpoints.
+pub fn app_update() -> Value {
+    load("app_update.json")
+}
+
 /// Every seed event with the route it is POSTed to.
 pub fn all_seeds() -> Vec<(&'static str, Value)> {
     let mut all = vec![
