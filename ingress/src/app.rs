@@ -3,6 +3,7 @@
 //! accepting, drain requests in flight (each still gets its confirm), and only then
 //! close the broker connection.
 
+use crate::conn::{ClientSlots, RequestClock, Stamped, REFUSAL};
 use crate::metrics::IngressMetrics;
 use crate::routes::{self, State};
 use b24_shared::amqp::Publisher;
@@ -55,6 +56,7 @@ impl App {
             limits: FormLimits::default(),
             body_limit: config.body_limit,
             public_url: config.public_url.clone(),
+            request_timeout: config.request_timeout,
         });
         Ok(Self {
             listener,
@@ -84,6 +86,7 @@ impl App {
         } = self;
         let graceful = GracefulShutdown::new();
         let slots = Arc::new(Semaphore::new(config.max_connections));
+        let clients = ClientSlots::new(config.max_connections_per_client);
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout)
@@ -112,20 +115,43 @@ impl App {
                 },
                 () = &mut shutdown => break,
             };
+            // One address may not take every slot: the rest of the world's events
+            // must still get in while it holds its share.
+            let Some(client_slot) = clients.try_take(peer.ip()) else {
+                state
+                    .metrics
+                    .rejections
+                    .with_label_values(&["client_connections"])
+                    .inc();
+                tracing::debug!(%peer, "connection refused: its address holds its cap");
+                // Best effort and never waiting: a client that does not read its
+                // refusal costs nothing more than the close.
+                let _ = stream.try_write(REFUSAL);
+                drop(stream);
+                drop(permit);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let gauge = state.metrics.open_connections.clone();
             let shared = state.clone();
+            let clock = RequestClock::new();
+            let io = TokioIo::new(Stamped::new(stream, clock.clone()));
             let service = service_fn(move |req| {
                 let state = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(routes::handle(&state, req).await) }
+                // Taken now, before the body is read: the request's first byte.
+                let deadline = clock.started() + state.request_timeout;
+                async move {
+                    Ok::<_, std::convert::Infallible>(routes::handle(&state, req, deadline).await)
+                }
             });
-            let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            let conn = graceful.watch(http.serve_connection(io, service));
             tokio::spawn(async move {
                 gauge.inc();
                 if let Err(e) = conn.await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
                 gauge.dec();
+                drop(client_slot);
                 drop(permit);
             });
         }

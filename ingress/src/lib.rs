@@ -3,6 +3,7 @@
 //! fast and up whatever the portals do.
 
 mod app;
+mod conn;
 mod html;
 mod metrics;
 mod portals;

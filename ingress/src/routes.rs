@@ -9,12 +9,12 @@ use b24_shared::event::{decode_body, InboundError, InboundEvent, InstallCall, Pl
 use b24_shared::form::FormLimits;
 use b24_shared::{Envelope, EnvelopeKind};
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use lapin::types::FieldTable;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub struct State {
     pub publisher: Publisher,
@@ -24,6 +24,8 @@ pub struct State {
     pub body_limit: usize,
     /// `PUBLIC_URL`, where the install page binds events.
     pub public_url: String,
+    /// The whole request must have arrived within this of its first byte.
+    pub request_timeout: Duration,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -31,12 +33,15 @@ type Resp = Response<Full<Bytes>>;
 /// Seconds a client is told to wait after a 503.
 const RETRY_AFTER_SECS: &str = "5";
 
-pub async fn handle(state: &State, req: Request<Incoming>) -> Resp {
+/// Answers one request; its body must have arrived by `deadline`.
+pub async fn handle(state: &State, req: Request<Incoming>, deadline: Instant) -> Resp {
     let m = &state.metrics;
     m.in_flight.inc();
     let route = route_name(req.uri().path());
     let resp = match (req.method(), route) {
-        (&Method::POST, "events" | "placement" | "install") => accept(state, route, req).await,
+        (&Method::POST, "events" | "placement" | "install") => {
+            accept(state, route, req, deadline).await
+        }
         (&Method::GET | &Method::HEAD, "healthz") => text(StatusCode::OK, "ok"),
         (&Method::GET | &Method::HEAD, "readyz") => {
             if state.publisher.is_connected() {
@@ -88,7 +93,12 @@ fn route_name(path: &str) -> &'static str {
     }
 }
 
-async fn accept(state: &State, route: &'static str, req: Request<Incoming>) -> Resp {
+async fn accept(
+    state: &State,
+    route: &'static str,
+    req: Request<Incoming>,
+    deadline: Instant,
+) -> Resp {
     let reject = |status: StatusCode, reason: &'static str, msg: String| {
         state.metrics.rejections.with_label_values(&[reason]).inc();
         text(status, &msg)
@@ -111,19 +121,35 @@ async fn accept(state: &State, route: &'static str, req: Request<Incoming>) -> R
         .get(CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("(not ASCII)").to_string());
     let query = req.uri().query().map(str::to_string);
-    let body = match Limited::new(req.into_body(), state.body_limit)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    let read = Limited::new(req.into_body(), state.body_limit).collect();
+    let body = match tokio::time::timeout_at(deadline.into(), read).await {
+        Err(_late) => {
+            state
+                .metrics
+                .rejections
+                .with_label_values(&["request_timeout"])
+                .inc();
+            let mut r = text(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "request body not received within {} ms",
+                    state.request_timeout.as_millis()
+                ),
+            );
+            // The rest of the body may still come; the connection is not reusable.
+            r.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return reject(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
                 format!("body too large: at most {} bytes", state.body_limit),
             );
         }
-        Err(_) => {
+        Ok(Err(_)) => {
             return reject(
                 StatusCode::BAD_REQUEST,
                 "body_read",

@@ -42,8 +42,15 @@ pub struct IngressConfig {
     pub body_limit: usize,
     /// Connections beyond this wait in the kernel's accept queue.
     pub max_connections: usize,
-    /// A client that has not sent its headers by then is disconnected.
+    /// Connections one client address (an IPv6 /64) may hold; more are refused at
+    /// once. 0: no cap (behind a reverse proxy every connection comes from it).
+    pub max_connections_per_client: usize,
+    /// A client that has not sent its headers by then is disconnected; an idle
+    /// keep-alive connection is closed after it too.
     pub header_read_timeout: Duration,
+    /// The whole request, headers and body, must arrive within this from its first
+    /// byte; a late body gets 408.
+    pub request_timeout: Duration,
     /// How long a request waits for the broker's confirm before it gets a 503.
     pub confirm_timeout: Duration,
     /// On SIGTERM, how long requests in flight may take to finish.
@@ -124,7 +131,14 @@ impl IngressConfig {
             )?,
             body_limit: parse(env, "INGRESS_BODY_LIMIT", "65536", "a size in bytes")?,
             max_connections: parse(env, "INGRESS_MAX_CONNECTIONS", "4096", "a count")?,
+            max_connections_per_client: parse(
+                env,
+                "INGRESS_MAX_CONNECTIONS_PER_CLIENT",
+                "512",
+                "a count (0 for no cap)",
+            )?,
             header_read_timeout: millis(env, "INGRESS_HEADER_TIMEOUT_MS", "10000")?,
+            request_timeout: millis(env, "INGRESS_REQUEST_TIMEOUT_MS", "10000")?,
             confirm_timeout: millis(env, "INGRESS_CONFIRM_TIMEOUT_MS", "5000")?,
             shutdown_grace: millis(env, "INGRESS_SHUTDOWN_GRACE_MS", "30000")?,
             database_url: match env("DATABASE_URL") {
@@ -176,6 +190,9 @@ mod tests {
         assert_eq!(c.addr.to_string(), "0.0.0.0:8080");
         assert_eq!(c.body_limit, 64 * 1024);
         assert_eq!(c.public_url, "http://127.0.0.1:8080");
+        assert_eq!(c.max_connections, 4096);
+        assert_eq!(c.max_connections_per_client, 512);
+        assert_eq!(c.request_timeout, Duration::from_secs(10));
     }
 
     #[test]
@@ -192,6 +209,19 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn the_per_client_cap_can_be_turned_off() {
+        let c = IngressConfig::from_lookup(&lookup(&[("INGRESS_MAX_CONNECTIONS_PER_CLIENT", "0")]))
+            .unwrap();
+        assert_eq!(c.max_connections_per_client, 0);
+        let err = IngressConfig::from_lookup(&lookup(&[("INGRESS_REQUEST_TIMEOUT_MS", "soon")]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("INGRESS_REQUEST_TIMEOUT_MS"),
+            "{err}"
+        );
     }
 
     #[test]
