@@ -143,6 +143,65 @@ pub fn decode_form(body: &[u8], limits: &FormLimits) -> Result<Value, FormError>
     Ok(Value::Object(root.into_object()))
 }
 
+/// Whether a raw form or JSON body (or query string) may decode to text holding a NUL:
+/// it has a NUL byte, a `%00` or a JSON `\u0000`. A cheap scan, so that the decoded
+/// value is only walked ([`nul_field`]) when it might hold one.
+pub fn may_hold_nul(raw: &[u8]) -> bool {
+    raw.iter().enumerate().any(|(i, &b)| match b {
+        0 => true,
+        b'%' => raw.get(i + 1..i + 3) == Some(&b"00"[..]),
+        b'\\' => raw.get(i + 1..i + 6) == Some(&b"u0000"[..]),
+        _ => false,
+    })
+}
+
+/// The first field of a decoded body whose key or value holds a NUL (U+0000), named
+/// as PHP would (`data[FIELDS][TITLE]`, `data[LIST][1]`; each key cut to 40 characters,
+/// control characters escaped), or `None`. PostgreSQL cannot store a NUL in `jsonb` or
+/// `text`, so such a body would be written nowhere.
+pub fn nul_field(value: &Value) -> Option<String> {
+    let mut path = Vec::new();
+    if find_nul(value, &mut path) {
+        let mut name = String::new();
+        for (depth, part) in path.iter().enumerate() {
+            if depth == 0 {
+                name.push_str(part);
+            } else {
+                name.push('[');
+                name.push_str(part);
+                name.push(']');
+            }
+        }
+        Some(name)
+    } else {
+        None
+    }
+}
+
+/// Depth-first search for a NUL; on success `path` holds the keys leading to it.
+fn find_nul(value: &Value, path: &mut Vec<String>) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().enumerate().any(|(i, v)| {
+            path.push(i.to_string());
+            let found = find_nul(v, path);
+            if !found {
+                path.pop();
+            }
+            found
+        }),
+        Value::Object(map) => map.iter().any(|(k, v)| {
+            path.push(excerpt(k.as_bytes()));
+            let found = k.contains('\0') || find_nul(v, path);
+            if !found {
+                path.pop();
+            }
+            found
+        }),
+        _ => false,
+    }
+}
+
 /// PHP's `urldecode` of `src` up to the first raw `&` (or `=` if `stop_at_eq`), appended to
 /// `out`; returns what follows. `+` is a space and a `%` not followed by two hex digits
 /// stays literal.
@@ -811,6 +870,48 @@ mod tests {
         assert_eq!(decode("%zz=1"), json!({"%zz": "1"}));
         assert_eq!(decode("a%3Db=c%26d"), json!({"a=b": "c&d"}));
         assert_eq!(decode("a=b=c"), json!({"a": "b=c"}));
+    }
+
+    #[test]
+    fn a_nul_is_found_and_named_by_its_field() {
+        let v: Value = serde_json::json!({
+            "event": "X",
+            "data": {"FIELDS": {"ID": "1", "TITLE": "a\u{0}b"}, "LIST": ["x", "y"]},
+        });
+        assert_eq!(nul_field(&v).as_deref(), Some("data[FIELDS][TITLE]"));
+        let v: Value = serde_json::json!({"data": {"LIST": ["x", "\u{0}"]}});
+        assert_eq!(nul_field(&v).as_deref(), Some("data[LIST][1]"));
+        let v: Value = serde_json::json!({"data": {"a\u{0}b": "1"}});
+        assert_eq!(nul_field(&v).as_deref(), Some("data[a\\0b]"));
+        let v: Value = serde_json::json!({"a\u{0}": "1"});
+        assert_eq!(nul_field(&v).as_deref(), Some("a\\0"));
+        let long = format!("{}\u{0}", "k".repeat(100));
+        let v: Value = serde_json::json!({ long: "1" });
+        assert_eq!(
+            nul_field(&v).unwrap().chars().count(),
+            41,
+            "cut to 40 and an ellipsis"
+        );
+        let clean: Value =
+            serde_json::json!({"data": {"FIELDS": {"ID": "1"}, "L": [1, null, true]}});
+        assert_eq!(nul_field(&clean), None);
+    }
+
+    #[test]
+    fn only_bodies_that_may_hold_a_nul_are_walked() {
+        assert!(may_hold_nul(b"a=b%00"));
+        assert!(may_hold_nul(b"a=\0"));
+        assert!(may_hold_nul(br#"{"a":"\u0000"}"#));
+        assert!(may_hold_nul(b"a=%00b"));
+        assert!(!may_hold_nul(b"a=%0"));
+        assert!(!may_hold_nul(b"a=%20&b=100%"));
+        assert!(may_hold_nul(br#"{"a":"\u00000"}"#));
+        assert!(!may_hold_nul(br#"{"a":"\u0001"}"#));
+        // What it lets through decodes to no NUL: these are the texts `%00` and `\u0000`.
+        let body = b"data[X]=%2500&y=%5Cu0000";
+        assert!(!may_hold_nul(body));
+        let v = decode(std::str::from_utf8(body).unwrap());
+        assert_eq!(nul_field(&v), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Bitrix24 sends every value as a string in forms but the docs show numbers in JSON,
 //! so scalar fields accept both; codes arrive in any letter case (`onCrmRequisiteAdd`).
 
-use crate::form::{decode_form, FormError, FormLimits};
+use crate::form::{decode_form, may_hold_nul, nul_field, FormError, FormLimits};
 use crate::Secret;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -32,6 +32,9 @@ pub enum InboundError {
         field: &'static str,
         expected: &'static str,
     },
+    /// PostgreSQL cannot store a NUL in text or jsonb.
+    #[error("field `{0}` contains a NUL character, which cannot be stored")]
+    Nul(String),
 }
 
 impl InboundError {
@@ -45,6 +48,7 @@ impl InboundError {
             Self::TooDeep(_) => "too_deep",
             Self::Missing(_) => "missing_field",
             Self::Invalid { .. } => "invalid_field",
+            Self::Nul(_) => "nul",
         }
     }
 
@@ -97,6 +101,11 @@ pub fn decode_body(
             for (k, v) in from_query {
                 obj.entry(k).or_insert(v);
             }
+        }
+    }
+    if may_hold_nul(body) || query.is_some_and(|q| may_hold_nul(q.as_bytes())) {
+        if let Some(field) = nul_field(&value) {
+            return Err(InboundError::Nul(field));
         }
     }
     Ok(value)

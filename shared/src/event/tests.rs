@@ -235,3 +235,41 @@ fn redact_hides_every_credential_and_keeps_the_rest() {
     assert!(!p.to_string().contains("29d1a06600631fcd"));
     assert_eq!(p[0]["PLACEMENT"], "CRM_LEAD_DETAIL_ACTIVITY");
 }
+
+#[test]
+fn a_nul_in_a_body_or_its_query_is_refused_naming_the_field() {
+    let limits = FormLimits::default();
+    let form = decode_body(
+        Some("application/x-www-form-urlencoded"),
+        b"event=X&data[FIELDS][TITLE]=top%00secret",
+        None,
+        &limits,
+    );
+    assert_eq!(
+        form.unwrap_err().to_string(),
+        "field `data[FIELDS][TITLE]` contains a NUL character, which cannot be stored"
+    );
+    let js = decode_body(
+        Some("application/json"),
+        br#"{"data":{"A":["x","top\u0000secret"]}}"#,
+        None,
+        &limits,
+    );
+    assert_eq!(js.unwrap_err(), InboundError::Nul("data[A][1]".into()));
+    let query = decode_body(
+        Some("application/x-www-form-urlencoded"),
+        b"PLACEMENT=X",
+        Some("LANG=e%00n"),
+        &limits,
+    );
+    assert_eq!(query.unwrap_err().reason(), "nul");
+    // Text that only looks like one is kept.
+    let v = decode_body(
+        Some("application/x-www-form-urlencoded"),
+        b"a=%2500&b=%5Cu0000",
+        None,
+        &limits,
+    )
+    .unwrap();
+    assert_eq!(v, json!({"a": "%00", "b": "\\u0000"}));
+}

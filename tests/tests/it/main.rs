@@ -6,6 +6,7 @@ mod client_limits;
 mod demo;
 mod ingress_broker_outage;
 mod ingress_hostage;
+mod ingress_payloads;
 mod ingress_rejects;
 mod ingress_seeds;
 mod ingress_shutdown;

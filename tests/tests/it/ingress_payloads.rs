@@ -1,0 +1,70 @@
+//! What the edge checks in a payload and what it passes on: a NUL anywhere is refused
+//! (PostgreSQL's jsonb cannot store it), only the fields a handler uses are validated,
+//! and OAuth tokens reach the queue only in the messages that need them.
+
+use b24_tests::fixtures;
+use b24_tests::http::{FORM, JSON};
+use b24_tests::phpform::http_build_query;
+use b24_tests::spawn::TestIngress;
+use http::StatusCode;
+use serde_json::json;
+
+#[tokio::test]
+async fn a_nul_anywhere_is_refused_with_the_field_named() {
+    let ingress = TestIngress::spawn("nul", &[]).await;
+    let mut in_value = fixtures::requisite_add();
+    in_value["data"]["FIELDS"]["TITLE"] = json!("secret\u{0}value");
+    let mut in_list = fixtures::requisite_add();
+    in_list["data"]["LIST"] = json!(["a", "b\u{0}"]);
+    let mut in_key = fixtures::requisite_add();
+    in_key["data"]["FIELDS"]["X\u{0}Y"] = json!("1");
+    let mut in_auth = fixtures::requisite_add();
+    in_auth["auth"]["domain"] = json!("\u{0}");
+    let mut no_lang = fixtures::placements()[1].clone();
+    no_lang.as_object_mut().unwrap().remove("LANG");
+    let mut install = fixtures::install();
+    install["APP_SID"] = json!("x\u{0}");
+    // (route, content type, body, field the reason names)
+    let cases: Vec<(&str, &str, String, &str)> = vec![
+        (
+            "/events",
+            FORM,
+            http_build_query(&in_value),
+            "data[FIELDS][TITLE]",
+        ),
+        ("/events", JSON, in_value.to_string(), "data[FIELDS][TITLE]"),
+        ("/events", FORM, http_build_query(&in_list), "data[LIST][1]"),
+        ("/events", JSON, in_list.to_string(), "data[LIST][1]"),
+        // A form key is cut at a NUL (as PHP does); a JSON key keeps it.
+        ("/events", JSON, in_key.to_string(), "data[FIELDS][X\\0Y]"),
+        ("/events", FORM, http_build_query(&in_auth), "auth[domain]"),
+        // Widget and install calls bring some fields in the query string.
+        (
+            "/placement?LANG=e%00n",
+            FORM,
+            http_build_query(&no_lang),
+            "LANG",
+        ),
+        ("/install", JSON, install.to_string(), "APP_SID"),
+    ];
+    for (path, ct, body, field) in cases {
+        let a = ingress.http.post(path, Some(ct), body).await.unwrap();
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{path} {ct}: {}", a.body);
+        assert!(
+            a.body.contains(&format!("`{field}`")) && a.body.contains("NUL"),
+            "{path} {ct}: reason {:?} should name `{field}`",
+            a.body
+        );
+        assert!(
+            !a.body.contains("secret"),
+            "no value in the reason: {}",
+            a.body
+        );
+        assert_eq!(a.body.trim_end().lines().count(), 1);
+    }
+    assert!(
+        ingress.work_messages().await.is_empty(),
+        "nothing published"
+    );
+    ingress.finish().await;
+}
