@@ -292,8 +292,9 @@ impl InboundEvent {
         Ok(parsed)
     }
 
-    /// The fields a handler needs must be there and well-formed, or the event is
-    /// refused at the edge rather than dead-lettered later.
+    /// The fields a handler uses must be there and well-formed, or the event is
+    /// refused at the edge rather than dead-lettered later. Only those: a 400 on a
+    /// field no handler reads loses an event Bitrix24 will not resend.
     fn validate_data(&self) -> Result<(), InboundError> {
         match self.event.as_str() {
             "ONCRMDEALRECURRINGEXPOSE" => {
@@ -302,13 +303,46 @@ impl InboundEvent {
             "ONCRMREQUISITEADD" => {
                 RequisiteAdd::from_data(&self.data)?;
             }
-            "ONAPPPAYMENT" => {
-                AppPayment::from_data(&self.data)?;
+            // The installation is proved with the portal's endpoints and kept by its
+            // application_token; its data (VERSION "1.0.0" and so on) is informational.
+            "ONAPPINSTALL" => {
+                if self.auth.application_token.is_none() {
+                    return Err(InboundError::Missing("auth[application_token]"));
+                }
+                endpoint(
+                    self.auth.client_endpoint.as_deref(),
+                    "auth[client_endpoint]",
+                )?;
+                endpoint(
+                    self.auth.server_endpoint.as_deref(),
+                    "auth[server_endpoint]",
+                )?;
             }
+            // ONAPPPAYMENT: only the portal's identity (checked above) is used; the
+            // worker asks app.info for the status, so CODE, STATUS, DAYS… are not checked.
             _ => {}
         }
         Ok(())
     }
+}
+
+/// An endpoint the worker will call: `http(s)://host…`. Whether the host may be
+/// called is the worker's allowlist's decision, not the edge's.
+fn endpoint(value: Option<&str>, field: &'static str) -> Result<(), InboundError> {
+    let url = value.ok_or(InboundError::Missing(field))?;
+    let host = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .and_then(|rest| rest.split(['/', '?', '#']).next())
+        .unwrap_or_default();
+    let odd = |b: u8| b.is_ascii_whitespace() || b.is_ascii_control();
+    if host.is_empty() || host.bytes().any(odd) {
+        return Err(InboundError::Invalid {
+            field,
+            expected: "an http(s) URL",
+        });
+    }
+    Ok(())
 }
 
 /// `ONCRMDEALRECURRINGEXPOSE`: a deal was created from a recurring template.
@@ -350,37 +384,35 @@ impl RequisiteAdd {
     }
 }
 
-/// `ONAPPPAYMENT`: the application was paid for.
+/// `ONAPPPAYMENT`: the application was paid for. The event carries no token, so its
+/// fields are only what it claims: the worker stores what `app.info` says. Hence
+/// everything but `CODE` is optional and kept only when well-formed (the documented
+/// VERSION is a number, installed apps send `1.0.0`; DAYS may be empty).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppPayment {
     pub code: String,
-    pub version: i64,
-    pub status: String,
-    pub payment_expired: bool,
-    pub days: i64,
+    pub version: Option<String>,
+    pub status: Option<String>,
+    pub payment_expired: Option<bool>,
+    pub days: Option<i64>,
     pub language_id: Option<String>,
 }
 
 impl AppPayment {
     pub fn from_data(data: &Value) -> Result<Self, InboundError> {
         let d = data.as_object().ok_or(InboundError::Missing("data"))?;
-        let expired = required_str_named(d, "PAYMENT_EXPIRED", "data[PAYMENT_EXPIRED]")?;
+        let text = |key: &str| d.get(key).and_then(scalar).filter(|s| !s.is_empty());
         Ok(Self {
             code: required_str_named(d, "CODE", "data[CODE]")?,
-            version: required_int(d, "VERSION", "data[VERSION]")?,
-            status: required_str_named(d, "STATUS", "data[STATUS]")?,
-            payment_expired: match expired.as_str() {
-                "Y" => true,
-                "N" => false,
-                _ => {
-                    return Err(InboundError::Invalid {
-                        field: "data[PAYMENT_EXPIRED]",
-                        expected: "Y or N",
-                    })
-                }
+            version: text("VERSION"),
+            status: text("STATUS"),
+            payment_expired: match text("PAYMENT_EXPIRED").as_deref() {
+                Some("Y") => Some(true),
+                Some("N") => Some(false),
+                _ => None,
             },
-            days: required_int(d, "DAYS", "data[DAYS]")?,
-            language_id: opt_str(d, "LANGUAGE_ID", "data[LANGUAGE_ID]")?,
+            days: text("DAYS").and_then(|s| s.trim().parse().ok()),
+            language_id: text("LANGUAGE_ID"),
         })
     }
 }
@@ -585,14 +617,6 @@ fn opt_int(
             })
         })
         .transpose()
-}
-
-fn required_int(
-    obj: &Map<String, Value>,
-    key: &str,
-    field: &'static str,
-) -> Result<i64, InboundError> {
-    opt_int(obj, key, field)?.ok_or(InboundError::Missing(field))
 }
 
 fn required_id(

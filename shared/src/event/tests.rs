@@ -51,13 +51,79 @@ fn payment_seed_parses_without_tokens_or_member_id() {
         AppPayment::from_data(&e.data).unwrap(),
         AppPayment {
             code: "bitrix.gds_company".into(),
-            version: 1,
-            status: "S".into(),
-            payment_expired: false,
-            days: 28,
+            version: Some("1".into()),
+            status: Some("S".into()),
+            payment_expired: Some(false),
+            days: Some(28),
             language_id: Some("en".into()),
         }
     );
+}
+
+#[test]
+fn payment_fields_no_handler_trusts_are_not_checked() {
+    // What installed apps send (VERSION "1.0.0"), empty or odd values: accepted, kept
+    // when well-formed. Only the portal's identity is required.
+    let mut v = fixture("app_payment.json");
+    v["data"] = json!({"CODE": "c", "VERSION": "1.0.0", "DAYS": "", "PAYMENT_EXPIRED": "maybe"});
+    let e = InboundEvent::parse(&v).unwrap();
+    let p = AppPayment::from_data(&e.data).unwrap();
+    assert_eq!(p.version.as_deref(), Some("1.0.0"));
+    assert_eq!((p.days, p.payment_expired, p.status), (None, None, None));
+    v["data"] = json!({});
+    assert!(
+        InboundEvent::parse(&v).is_ok(),
+        "no data at all is still the portal's event"
+    );
+}
+
+#[test]
+fn install_event_needs_its_token_and_endpoints_and_nothing_else() {
+    let install = fixture("app_install.json");
+    let e = InboundEvent::parse(&install).unwrap();
+    assert_eq!(e.data["VERSION"], "1.0.0");
+    for (field, value, expected) in [
+        (
+            "application_token",
+            None,
+            "missing field `auth[application_token]`",
+        ),
+        (
+            "client_endpoint",
+            None,
+            "missing field `auth[client_endpoint]`",
+        ),
+        (
+            "server_endpoint",
+            None,
+            "missing field `auth[server_endpoint]`",
+        ),
+        (
+            "client_endpoint",
+            Some("ftp://x/"),
+            "field `auth[client_endpoint]`: expected an http(s) URL",
+        ),
+        (
+            "client_endpoint",
+            Some("https:///rest/"),
+            "field `auth[client_endpoint]`: expected an http(s) URL",
+        ),
+        (
+            "server_endpoint",
+            Some("https://a b/"),
+            "field `auth[server_endpoint]`: expected an http(s) URL",
+        ),
+    ] {
+        let mut v = install.clone();
+        let auth = v["auth"].as_object_mut().unwrap();
+        match value {
+            Some(x) => auth.insert(field.into(), json!(x)),
+            None => auth.remove(field),
+        };
+        assert_eq!(InboundEvent::parse(&v).unwrap_err().to_string(), expected);
+    }
+    // Its update carries tokens and no endpoints, as documented.
+    assert!(InboundEvent::parse(&fixture("app_update.json")).is_ok());
 }
 
 #[test]
@@ -84,8 +150,8 @@ fn known_event_with_bad_data_is_refused() {
         InboundEvent::parse(&v).unwrap_err().to_string(),
         "field `data[FIELDS][DEAL_ID]`: expected a positive integer id"
     );
-    let mut v = fixture("app_payment.json");
-    v["data"]["PAYMENT_EXPIRED"] = json!("maybe");
+    let mut v = fixture("requisite_add.json");
+    v["data"]["FIELDS"]["ID"] = json!("0");
     assert!(InboundEvent::parse(&v).is_err());
 }
 

@@ -68,3 +68,75 @@ async fn a_nul_anywhere_is_refused_with_the_field_named() {
     );
     ingress.finish().await;
 }
+
+#[tokio::test]
+async fn documented_install_update_and_payment_shapes_are_accepted() {
+    let ingress = TestIngress::spawn("shapes", &[]).await;
+    let mut payment_semver = fixtures::app_payment();
+    payment_semver["data"]["VERSION"] = json!("1.0.0");
+    payment_semver["data"]["DAYS"] = json!("");
+    let mut payment_bare = fixtures::app_payment();
+    payment_bare["data"] = json!({"CODE": "x"});
+    let accepted = [
+        fixtures::app_install(),
+        fixtures::app_update(),
+        fixtures::app_payment(),
+        payment_semver,
+        payment_bare,
+    ];
+    for event in &accepted {
+        for (ct, body) in [(FORM, http_build_query(event)), (JSON, event.to_string())] {
+            let a = ingress.http.post("/events", Some(ct), body).await.unwrap();
+            assert_eq!(
+                a.status,
+                StatusCode::OK,
+                "{} {ct}: {}",
+                event["event"],
+                a.body
+            );
+        }
+    }
+    assert_eq!(ingress.work_messages().await.len(), 2 * accepted.len());
+
+    // What the worker needs of an ONAPPINSTALL must be there and well-formed.
+    for (field, value, reason) in [
+        (
+            "application_token",
+            None,
+            "missing field `auth[application_token]`",
+        ),
+        ("member_id", None, "missing field `auth[member_id]`"),
+        (
+            "client_endpoint",
+            None,
+            "missing field `auth[client_endpoint]`",
+        ),
+        (
+            "server_endpoint",
+            None,
+            "missing field `auth[server_endpoint]`",
+        ),
+        (
+            "client_endpoint",
+            Some("javascript:alert(1)"),
+            "field `auth[client_endpoint]`",
+        ),
+        (
+            "server_endpoint",
+            Some("https://"),
+            "field `auth[server_endpoint]`",
+        ),
+    ] {
+        let mut install = fixtures::app_install();
+        let auth = install["auth"].as_object_mut().unwrap();
+        match value {
+            Some(v) => auth.insert(field.into(), json!(v)),
+            None => auth.remove(field),
+        };
+        let a = ingress.post_form("/events", &install).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{field}: {}", a.body);
+        assert!(a.body.contains(reason), "{field}: {}", a.body);
+    }
+    assert!(ingress.work_messages().await.is_empty());
+    ingress.finish().await;
+}
