@@ -50,6 +50,8 @@ impl App {
             publisher,
             portals: crate::portals::PortalCache::new(
                 config.database_url.as_ref(),
+                config.install_grace,
+                crate::portals::CAPACITY,
                 metrics.portal_lookups.clone(),
             ),
             metrics,

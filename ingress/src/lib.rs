@@ -6,6 +6,7 @@ mod app;
 mod conn;
 mod html;
 mod metrics;
+mod policy;
 mod portals;
 mod routes;
 

@@ -3,6 +3,7 @@
 
 use crate::html;
 use crate::metrics::IngressMetrics;
+use crate::policy::{self, PortalCheck};
 use crate::portals::{PortalCache, Verdict};
 use b24_shared::amqp::{PublishError, Publisher};
 use b24_shared::event::{decode_body, InboundError, InboundEvent, InstallCall, PlacementCall};
@@ -177,14 +178,8 @@ async fn accept(
         }
     };
 
-    if let Some((member_id, token)) = claimed_token(&envelope) {
-        if state.portals.verify(member_id, token).await == Verdict::Forged {
-            return reject(
-                StatusCode::UNAUTHORIZED,
-                "forged_token",
-                "auth[application_token] does not match this portal's".into(),
-            );
-        }
+    if let Err(refused) = check_portal(state, &envelope).await {
+        return refused;
     }
 
     let started = Instant::now();
@@ -224,19 +219,55 @@ async fn accept(
     }
 }
 
-/// The member_id and application_token an event claims, if it carries both.
-fn claimed_token(envelope: &Envelope) -> Option<(&str, &str)> {
-    // A (re)installation may bring a new token; the worker verifies it with Bitrix24.
-    if envelope.kind != EnvelopeKind::Event || envelope.event == "ONAPPINSTALL" {
-        return None;
+/// Refuses, before anything is published, what the worker would only throw away:
+/// events of a known portal with another token (401) and messages of portals that are
+/// not installed (403). What the database could not rule on passes: the worker checks.
+async fn check_portal(state: &State, envelope: &Envelope) -> Result<(), Resp> {
+    let check = policy::portal_check(envelope.kind, &envelope.event);
+    let Some(member_id) = envelope.member_id.as_ref().map(|m| m.as_str()) else {
+        // Only events documented without member_id (ONAPPPAYMENT) get here, and their
+        // portal is the worker's to find.
+        return Ok(());
+    };
+    let token = application_token(envelope);
+    let verdict = match check {
+        PortalCheck::None => return Ok(()),
+        PortalCheck::Token => state.portals.verify(member_id, token).await,
+        PortalCheck::Installed => state.portals.installed(member_id).await,
+    };
+    match verdict {
+        Verdict::Genuine | Verdict::Unverified => Ok(()),
+        Verdict::Forged => Err(refuse(
+            state,
+            StatusCode::UNAUTHORIZED,
+            "forged_token",
+            match token {
+                Some(_) => "auth[application_token] does not match this portal's",
+                None => "auth[application_token] is missing",
+            },
+        )),
+        Verdict::Unknown => Err(refuse(
+            state,
+            StatusCode::FORBIDDEN,
+            "unknown_portal",
+            "portal is not installed: no installed portal has this member_id",
+        )),
     }
-    let member = envelope.member_id.as_ref()?.as_str();
-    let token = envelope
+}
+
+/// The application_token an event carries.
+fn application_token(envelope: &Envelope) -> Option<&str> {
+    envelope
         .payload
         .get("auth")?
         .get("application_token")?
-        .as_str()?;
-    Some((member, token))
+        .as_str()
+        .filter(|t| !t.is_empty())
+}
+
+fn refuse(state: &State, status: StatusCode, reason: &'static str, msg: &str) -> Resp {
+    state.metrics.rejections.with_label_values(&[reason]).inc();
+    text(status, msg)
 }
 
 fn unavailable(state: &State, e: &PublishError) -> Resp {
@@ -279,6 +310,11 @@ fn parse(
         }
         "placement" => {
             let p = PlacementCall::parse(&value)?;
+            // Bitrix24 always sends the user's AUTH_ID; the worker serves a widget only
+            // with it, never with the portal's own tokens.
+            if p.auth_id.is_none() {
+                return Err(InboundError::Missing("AUTH_ID"));
+            }
             let page = html::placement_page(
                 p.lang.as_deref().unwrap_or("en"),
                 p.placement.as_str(),

@@ -62,6 +62,9 @@ pub struct IngressConfig {
     /// trailing slash: the install page binds `<public_url>/events`, never an address
     /// taken from the request.
     pub public_url: String,
+    /// For this long after a portal's installation was stored, its events and widget
+    /// calls pass unverified: the event that brings its token may still be queued.
+    pub install_grace: Duration,
 }
 
 pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:8080";
@@ -147,6 +150,7 @@ impl IngressConfig {
                 None => Some(Secret::new(DEFAULT_DATABASE_URL)),
             },
             public_url: public_url(env)?,
+            install_grace: millis(env, "INGRESS_INSTALL_GRACE_MS", "120000")?,
         })
     }
 }

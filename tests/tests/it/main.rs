@@ -7,6 +7,7 @@ mod demo;
 mod ingress_broker_outage;
 mod ingress_hostage;
 mod ingress_payloads;
+mod ingress_portals;
 mod ingress_rejects;
 mod ingress_seeds;
 mod ingress_shutdown;
