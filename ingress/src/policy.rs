@@ -1,8 +1,16 @@
 //! What the edge does with each kind of message before publishing it: which check of
-//! its portal applies. The one list, by event code; it is meant to move onto the shared
-//! list of known events.
+//! its portal applies, and which OAuth tokens the queued copy keeps. The one list, by
+//! event code; it is meant to move onto the shared list of known events.
+//! What a newcomer gets wrong: a token that is queued is a token at rest in the broker
+//! (and in every dead letter), so a message keeps only the tokens its handler uses.
 
 use b24_shared::EnvelopeKind;
+use serde_json::Value;
+
+/// Events whose OAuth tokens the worker needs: it proves an installation with them.
+/// Every other event loses `auth[access_token]` and `auth[refresh_token]`: the worker
+/// calls Bitrix24 with the portal's stored tokens.
+pub const KEEP_OAUTH_TOKENS: &[&str] = &["ONAPPINSTALL", "ONAPPUPDATE"];
 
 /// Events passed on without checking their portal at the edge.
 const UNCHECKED_EVENTS: &[&str] = &[
@@ -36,9 +44,58 @@ pub fn portal_check(kind: EnvelopeKind, event: &str) -> PortalCheck {
     }
 }
 
+/// Removes from `payload` the tokens its handler does not use. The install page keeps
+/// `AUTH_ID` and `REFRESH_ID` (the worker proves them with a refresh); a widget call
+/// keeps `AUTH_ID` (the worker calls `crm.item.get` as that user) but not
+/// `REFRESH_ID`; events keep `application_token` (the worker checks it again).
+pub fn strip_tokens(kind: EnvelopeKind, event: &str, payload: &mut Value) {
+    match kind {
+        EnvelopeKind::Install => {}
+        EnvelopeKind::Placement => {
+            if let Some(call) = payload.as_object_mut() {
+                call.remove("REFRESH_ID");
+            }
+        }
+        EnvelopeKind::Event if KEEP_OAUTH_TOKENS.contains(&event) => {}
+        EnvelopeKind::Event => {
+            if let Some(auth) = payload.get_mut("auth").and_then(Value::as_object_mut) {
+                auth.remove("access_token");
+                auth.remove("refresh_token");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn installation_events_keep_their_tokens_and_others_lose_them() {
+        let event = || {
+            json!({"auth": {"access_token": "a", "refresh_token": "r",
+                                        "application_token": "t", "member_id": "m"}})
+        };
+        for code in KEEP_OAUTH_TOKENS {
+            let mut p = event();
+            strip_tokens(EnvelopeKind::Event, code, &mut p);
+            assert_eq!(p, event(), "{code}");
+        }
+        let mut p = event();
+        strip_tokens(EnvelopeKind::Event, "ONCRMDEALADD", &mut p);
+        assert_eq!(
+            p,
+            json!({"auth": {"application_token": "t", "member_id": "m"}})
+        );
+        let call = || json!({"AUTH_ID": "a", "REFRESH_ID": "r", "member_id": "m"});
+        let mut p = call();
+        strip_tokens(EnvelopeKind::Placement, "CRM_DEAL_DETAIL_ACTIVITY", &mut p);
+        assert_eq!(p, json!({"AUTH_ID": "a", "member_id": "m"}));
+        let mut p = call();
+        strip_tokens(EnvelopeKind::Install, "INSTALL", &mut p);
+        assert_eq!(p, call());
+    }
 
     #[test]
     fn only_installations_and_payments_skip_the_portal_check() {

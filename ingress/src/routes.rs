@@ -166,7 +166,7 @@ async fn accept(
         &state.limits,
     )
     .and_then(|value| parse(route, value, &state.public_url));
-    let (envelope, page) = match parsed {
+    let (mut envelope, page) = match parsed {
         Ok(p) => p,
         Err(e) => {
             let status = if e.is_unsupported_media_type() {
@@ -181,6 +181,7 @@ async fn accept(
     if let Err(refused) = check_portal(state, &envelope).await {
         return refused;
     }
+    policy::strip_tokens(envelope.kind, &envelope.event, &mut envelope.payload);
 
     let started = Instant::now();
     let result = state

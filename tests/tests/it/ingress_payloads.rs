@@ -2,12 +2,13 @@
 //! (PostgreSQL's jsonb cannot store it), only the fields a handler uses are validated,
 //! and OAuth tokens reach the queue only in the messages that need them.
 
+use b24_shared::EnvelopeKind;
 use b24_tests::fixtures;
 use b24_tests::http::{FORM, JSON};
-use b24_tests::phpform::http_build_query;
+use b24_tests::phpform::{http_build_query, stringify};
 use b24_tests::spawn::TestIngress;
 use http::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[tokio::test]
 async fn a_nul_anywhere_is_refused_with_the_field_named() {
@@ -138,5 +139,86 @@ async fn documented_install_update_and_payment_shapes_are_accepted() {
         assert!(a.body.contains(reason), "{field}: {}", a.body);
     }
     assert!(ingress.work_messages().await.is_empty());
+    ingress.finish().await;
+}
+
+/// The payload as the ingress decodes it from a form, less `keys` at `path`.
+fn without(payload: &Value, path: &[&str], keys: &[&str]) -> Value {
+    let mut v = stringify(payload);
+    let mut at = &mut v;
+    for p in path {
+        at = &mut at[*p];
+    }
+    for k in keys {
+        at.as_object_mut().unwrap().remove(*k);
+    }
+    v
+}
+
+#[tokio::test]
+async fn only_the_messages_that_need_oauth_tokens_carry_them_to_the_queue() {
+    let ingress = TestIngress::spawn("tokens", &[]).await;
+    let mut install_with_tokens = fixtures::app_install();
+    install_with_tokens["auth"]["access_token"] = json!("install-access");
+    install_with_tokens["auth"]["refresh_token"] = json!("install-refresh");
+    let placement = fixtures::placements()[1].clone();
+    // (route, what was sent, what the queue must hold)
+    let cases = [
+        (
+            "/events",
+            fixtures::deal_recurring_expose(),
+            without(
+                &fixtures::deal_recurring_expose(),
+                &["auth"],
+                &["access_token", "refresh_token"],
+            ),
+        ),
+        (
+            "/events",
+            fixtures::requisite_add(),
+            without(
+                &fixtures::requisite_add(),
+                &["auth"],
+                &["access_token", "refresh_token"],
+            ),
+        ),
+        (
+            "/events",
+            install_with_tokens.clone(),
+            stringify(&install_with_tokens),
+        ),
+        (
+            "/events",
+            fixtures::app_update(),
+            stringify(&fixtures::app_update()),
+        ),
+        (
+            "/placement",
+            placement.clone(),
+            without(&placement, &[], &["REFRESH_ID"]),
+        ),
+        (
+            "/install",
+            fixtures::install(),
+            stringify(&fixtures::install()),
+        ),
+    ];
+    for (path, sent, _) in &cases {
+        let a = ingress.post_form(path, sent).await;
+        assert_eq!(a.status, StatusCode::OK, "{path}: {}", a.body);
+    }
+    let got = ingress.work_messages().await;
+    assert_eq!(got.len(), cases.len());
+    for (env, (path, _, expected)) in got.iter().zip(&cases) {
+        assert_eq!(&env.payload, expected, "{path} {}", env.event);
+    }
+    // The application_token stays (the worker checks it again), AUTH_ID stays (the
+    // worker calls crm.item.get as the widget's user).
+    assert_eq!(
+        got[0].payload["auth"]["application_token"],
+        "51856fefc120afa4b628cc82d3935cce"
+    );
+    assert_eq!(got[4].kind, EnvelopeKind::Placement);
+    assert_eq!(got[4].payload["AUTH_ID"], placement["AUTH_ID"]);
     ingress.finish().await;
 }

@@ -31,6 +31,28 @@ fn expected_member(path: &str, payload: &Value) -> Option<String> {
     m.as_str().map(str::to_string)
 }
 
+/// What the queue holds of a decoded payload: all of it but the OAuth tokens its
+/// handler does not use (only installation calls keep theirs; widget calls keep AUTH_ID).
+fn queued(path: &str, decoded: &Value) -> Value {
+    let mut v = decoded.clone();
+    match path {
+        "/events" => {
+            let code = expected_code(path, decoded);
+            if !["ONAPPINSTALL", "ONAPPUPDATE"].contains(&code.as_str()) {
+                if let Some(auth) = v["auth"].as_object_mut() {
+                    auth.remove("access_token");
+                    auth.remove("refresh_token");
+                }
+            }
+        }
+        "/placement" => {
+            v.as_object_mut().unwrap().remove("REFRESH_ID");
+        }
+        _ => {}
+    }
+    v
+}
+
 #[tokio::test]
 async fn every_seed_payload_lands_in_the_work_queue_as_its_envelope_form_and_json() {
     let ingress = TestIngress::spawn("seeds", &[]).await;
@@ -56,7 +78,11 @@ async fn every_seed_payload_lands_in_the_work_queue_as_its_envelope_form_and_jso
             env.member_id.as_ref().map(|m| m.as_str().to_string()),
             expected_member(path, decoded)
         );
-        assert_eq!(&env.payload, decoded, "{path}: payload kept whole");
+        assert_eq!(
+            env.payload,
+            queued(path, decoded),
+            "{path}: payload kept whole but for the tokens its handler does not use"
+        );
         assert_eq!(env.id.get_version_num(), 7);
     }
     // The payment seed has no member_id: its portal is known by domain.
