@@ -10,12 +10,14 @@ pub struct IngressMetrics {
     pub requests: IntCounterVec,
     /// Time from publish to the broker's confirm, by outcome.
     pub publish_confirm: HistogramVec,
-    /// Refused requests by reason (`form`, `missing_field`, `too_large`, `unavailable`…).
+    /// Refused requests by reason (`form`, `missing_field`, `too_large`, `unavailable`,
+    /// `forged_token`, `unknown_portal`, `request_timeout`…), and connections refused by
+    /// the per-address cap (`client_connections`).
     pub rejections: IntCounterVec,
     pub in_flight: IntGauge,
     pub open_connections: IntGauge,
     /// Reads of the `portals` table on a cache miss, by outcome (`found`, `unknown`,
-    /// `unreachable`).
+    /// `installing`, `unreachable`).
     pub portal_lookups: IntCounterVec,
 }
 
@@ -39,7 +41,7 @@ impl Default for IngressMetrics {
             rejections: counter_vec(
                 &registry,
                 "b24_ingress_rejections_total",
-                "Requests refused without publishing, by reason",
+                "Requests (and connections) refused without publishing, by reason",
                 &["reason"],
             ),
             in_flight: register(

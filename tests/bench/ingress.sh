@@ -120,7 +120,10 @@ done
 start_server() {
     PREFIX="$PREFIX_BASE-$1"
     PREFIXES+=("$PREFIX")
+    # Every connection of the load generator comes from 127.0.0.1, as from a proxy:
+    # without lifting the per-address cap, d)'s 1,000 would mostly be refused.
     AMQP_PREFIX=$PREFIX INGRESS_ADDR=127.0.0.1:0 RUST_LOG=${RUST_LOG:-info} \
+        INGRESS_MAX_CONNECTIONS_PER_CLIENT=0 \
         "${RUN[@]}" "$BIN/$2" >"$WORK/ingress.log" 2>&1 &
     SERVER_PID=$!
     ADDR=
