@@ -125,7 +125,8 @@ impl RequestClock {
 
 /// A connection's socket that stamps the [`RequestClock`] with the first bytes that
 /// arrive after an answer was written (or on a fresh connection): the start of the
-/// next request.
+/// next request. (A request pipelined behind another, read in the same bytes, shares
+/// the earlier one's start and so its deadline; Bitrix24 does not pipeline.)
 pub struct Stamped<T> {
     io: T,
     clock: Arc<RequestClock>,

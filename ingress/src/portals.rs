@@ -303,9 +303,11 @@ mod tests {
             verdicts.iter().all(|v| *v == Verdict::Genuine),
             "{verdicts:?}"
         );
+        assert_eq!(lookups(&metrics, "found"), 1, "32 verifications, one read");
         assert_eq!(cache.verify("m1", Some("forged")).await, Verdict::Forged);
         assert_eq!(cache.verify("m1", None).await, Verdict::Forged);
-        assert_eq!(lookups(&metrics, "found"), 1, "34 verifications, one read");
+        // A mismatch reads the row again only if the cached one is a second old.
+        assert!(lookups(&metrics, "found") <= 2);
 
         let unknown = join_all((0..32).map(|_| cache.verify("m2", Some("any")))).await;
         assert!(unknown.iter().all(|v| *v == Verdict::Unknown));

@@ -259,17 +259,19 @@ async fn a_changed_token_is_read_again_before_answering_401() {
         &ingress.metrics().await,
         r#"b24_ingress_portal_lookups_total{outcome="found"}"#,
     );
+    let flood = std::time::Instant::now();
     for _ in 0..50 {
         let a = ingress.post_form("/events", &with("forged")).await;
         assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.body);
     }
+    let seconds = flood.elapsed().as_secs();
     let after = metric(
         &ingress.metrics().await,
         r#"b24_ingress_portal_lookups_total{outcome="found"}"#,
     );
     assert!(
-        after - before <= 3,
-        "{} reads for 50 forged events",
+        after - before <= seconds + 1,
+        "{} reads for 50 forged events in {seconds} s: at most one a second",
         after - before
     );
     ingress.finish().await;
