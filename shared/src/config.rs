@@ -43,7 +43,8 @@ pub struct IngressConfig {
     /// Connections beyond this wait in the kernel's accept queue.
     pub max_connections: usize,
     /// Connections one client address (an IPv6 /64) may hold; more are refused at
-    /// once. 0: no cap (behind a reverse proxy every connection comes from it).
+    /// once. Default: an eighth of `max_connections`. 0: no cap (behind a reverse
+    /// proxy every connection comes from it).
     pub max_connections_per_client: usize,
     /// A client that has not sent its headers by then is disconnected; an idle
     /// keep-alive connection is closed after it too.
@@ -124,6 +125,9 @@ impl IngressConfig {
     }
 
     pub fn from_lookup(env: Lookup) -> Result<Self, ConfigError> {
+        let max_connections: usize = parse(env, "INGRESS_MAX_CONNECTIONS", "4096", "a count")?;
+        // One address may hold an eighth of the slots unless told otherwise.
+        let per_client_default = (max_connections / 8).max(1).to_string();
         Ok(Self {
             amqp: AmqpConfig::from_lookup(env)?,
             addr: parse(
@@ -133,11 +137,11 @@ impl IngressConfig {
                 "a socket address such as 0.0.0.0:8080",
             )?,
             body_limit: parse(env, "INGRESS_BODY_LIMIT", "65536", "a size in bytes")?,
-            max_connections: parse(env, "INGRESS_MAX_CONNECTIONS", "4096", "a count")?,
+            max_connections,
             max_connections_per_client: parse(
                 env,
                 "INGRESS_MAX_CONNECTIONS_PER_CLIENT",
-                "512",
+                &per_client_default,
                 "a count (0 for no cap)",
             )?,
             header_read_timeout: millis(env, "INGRESS_HEADER_TIMEOUT_MS", "10000")?,
@@ -220,6 +224,10 @@ mod tests {
         let c = IngressConfig::from_lookup(&lookup(&[("INGRESS_MAX_CONNECTIONS_PER_CLIENT", "0")]))
             .unwrap();
         assert_eq!(c.max_connections_per_client, 0);
+        let c = IngressConfig::from_lookup(&lookup(&[("INGRESS_MAX_CONNECTIONS", "50")])).unwrap();
+        assert_eq!(c.max_connections_per_client, 6, "an eighth of the slots");
+        let c = IngressConfig::from_lookup(&lookup(&[("INGRESS_MAX_CONNECTIONS", "4")])).unwrap();
+        assert_eq!(c.max_connections_per_client, 1);
         let err = IngressConfig::from_lookup(&lookup(&[("INGRESS_REQUEST_TIMEOUT_MS", "soon")]))
             .unwrap_err();
         assert!(
