@@ -49,9 +49,9 @@ pub enum Verdict {
 /// What the database says about one portal.
 #[derive(Debug, Clone)]
 struct Record {
-    /// The `application_token` of an installed portal; `None` for no row, a row that
-    /// is uninstalled or deleted, or one without a token.
-    token: Option<Secret>,
+    /// The SHA-256 of an installed portal's `application_token`; `None` for no row, a
+    /// row that is uninstalled or deleted, or one without a token.
+    token: Option<String>,
     /// Installed within the grace window and no token stored yet: its `ONAPPINSTALL`,
     /// which brings the token, may still be on its way through the worker. (A stored
     /// token is never overruled: right after an installation a forged event is as
@@ -209,8 +209,8 @@ impl PortalCache {
 }
 
 /// The one comparison of a stored token with an offered one, in constant time.
-fn token_matches(stored: &Secret, given: &str) -> bool {
-    stored.ct_eq(given)
+fn token_matches(stored_digest: &str, given: &str) -> bool {
+    b24_shared::portals::token_matches(stored_digest, &Secret::new(given))
 }
 
 fn judge(record: &Record, token: Option<&str>) -> Verdict {
@@ -237,7 +237,7 @@ async fn read(
     let client = pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT application_token,
+            "SELECT application_token_sha256,
                     installed_at > now() - make_interval(secs => $2)
                FROM portals
               WHERE member_id = $1 AND status NOT IN ('uninstalled', 'deleted')",
@@ -246,7 +246,7 @@ async fn read(
         .await?;
     Ok(match row {
         Some(row) => Record {
-            token: row.get::<_, Option<String>>(0).map(Secret::new),
+            token: row.get::<_, Option<String>>(0),
             installing: row.get::<_, Option<bool>>(1).unwrap_or(false),
         },
         None => Record {
@@ -281,10 +281,10 @@ mod tests {
             client
                 .execute(
                     "INSERT INTO portals (member_id, domain, client_endpoint,
-                                          application_token, installed_at)
-                     VALUES ($1, 'p.bitrix24.com', 'https://p.bitrix24.com/rest/', $2,
+                                          application_token_sha256, installed_at)
+                     VALUES ($1, $1 || '.bitrix24.com', 'https://p.bitrix24.com/rest/', $2,
                              now() - interval '1 hour')",
-                    &[member_id, token],
+                    &[member_id, &b24_shared::portals::token_digest(token)],
                 )
                 .await
                 .unwrap();

@@ -9,7 +9,10 @@ use tokio_postgres::NoTls;
 pub use deadpool_postgres::{Object as Client, Pool as DbPool, PoolError};
 
 /// Migrations in order; a released one is never edited, only followed by a new one.
-const MIGRATIONS: &[(&str, &str)] = &[("0001_init", include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../migrations/0001_init.sql")),
+    ("0002_trust", include_str!("../migrations/0002_trust.sql")),
+];
 
 /// Any constant: the key of the advisory lock that serializes migrations.
 const MIGRATION_LOCK: i64 = 0x0062_3234_7069_7065;

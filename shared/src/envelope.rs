@@ -17,6 +17,10 @@ pub enum EnvelopeKind {
     Placement,
     /// The installation page POSTed to `/install`.
     Install,
+    /// A record of Bitrix24's offline-event queue (`event.offline.get`), published by
+    /// the worker's reconciler: `payload` is the record, `member_id` the portal whose
+    /// stored tokens fetched it. The ingress never publishes this kind.
+    Offline,
 }
 
 impl EnvelopeKind {
@@ -25,6 +29,7 @@ impl EnvelopeKind {
             Self::Event => "event",
             Self::Placement => "placement",
             Self::Install => "install",
+            Self::Offline => "offline",
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod envelope;
 pub mod event;
 pub mod form;
 pub mod metrics;
+pub mod portals;
 pub mod secret;
 pub mod signal;
 pub mod telemetry;

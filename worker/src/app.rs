@@ -8,11 +8,16 @@ use crate::bitrix::oauth::OAuthApp;
 use crate::bitrix::retry::RetryPolicy;
 use crate::bitrix::{Bitrix, RestClient};
 use crate::config::WorkerConfig;
-use crate::consumer::{handle_delivery, Ctx};
+use crate::consumer::{handle_delivery, Ctx, PortalSlots};
+use crate::crypto::{Opened, TokenCipher};
 use crate::metrics::WorkerMetrics;
+use crate::reconcile::Reconciler;
 use crate::store::Store;
+use crate::verify::Rules;
 use b24_shared::amqp::{connect, Publisher, Topology};
-use b24_shared::db;
+use b24_shared::db::{self, DbPool};
+use b24_shared::portals;
+use b24_shared::portals::UpkeepPolicy;
 use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -24,6 +29,16 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// How long an upkeep claim lasts when the replica holding it dies.
+const LEASE: Duration = Duration::from_secs(300);
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}
 
 pub struct App {
     config: WorkerConfig,
@@ -40,6 +55,8 @@ impl App {
         db::migrate(&pool).await?;
 
         let metrics = WorkerMetrics::default();
+        let cipher = Arc::new(token_cipher(&config)?);
+        reseal_tokens(&pool, &cipher).await?;
         let rest = RestClient::new(
             config.allowed_hosts.clone(),
             config.http_timeout,
@@ -47,25 +64,38 @@ impl App {
         );
         let oauth = match (&config.client_id, &config.client_secret) {
             (Some(id), Some(secret)) => Some(OAuthApp {
-                url: url::Url::parse(&config.oauth_url)
+                fallback_url: url::Url::parse(&config.oauth_url)
                     .map_err(|_| anyhow::anyhow!("B24_OAUTH_URL is not a valid URL"))?,
                 client_id: id.clone(),
                 client_secret: secret.clone(),
             }),
             _ => {
                 tracing::warn!(
-                    "B24_CLIENT_ID/B24_CLIENT_SECRET unset: expired tokens cannot be refreshed"
+                    "B24_CLIENT_ID/B24_CLIENT_SECRET unset: installations cannot be verified and tokens cannot be refreshed"
                 );
                 None
             }
         };
-        let limiter = Limiter::new(pool.clone(), config.rate_per_sec, config.rate_burst);
+        let limiter = Limiter::new(
+            pool.clone(),
+            config.rate_per_sec,
+            config.rate_burst,
+            config.max_limiter_wait,
+        );
         let policy = RetryPolicy {
             max_attempts: config.retry_attempts.max(1),
             max_elapsed: config.retry_max_elapsed,
             ..RetryPolicy::default()
         };
-        let bitrix = Bitrix::new(rest, pool.clone(), limiter, oauth, policy);
+        let bitrix = Bitrix::new(
+            rest,
+            pool.clone(),
+            limiter,
+            oauth,
+            cipher,
+            policy,
+            config.portal_deleted_grace,
+        );
 
         let (publisher_stop, stop_rx) = tokio::sync::watch::channel(false);
         let publisher = Publisher::start(
@@ -86,6 +116,13 @@ impl App {
             topology: Topology::new(config.amqp.prefix.clone()),
             metrics,
             public_url: config.public_url.clone(),
+            app_code: config.app_code.clone(),
+            rules: Rules {
+                token_pending_max: config.token_pending_max,
+            },
+            payment_debounce: config.payment_debounce,
+            retry_for: config.retry_for,
+            slots: PortalSlots::new(config.portal_in_flight),
         });
         Ok(Self {
             config,
@@ -115,6 +152,22 @@ impl App {
             shutdown.await;
             trigger.cancel();
         });
+        let upkeep = tokio::spawn(
+            Reconciler {
+                bitrix: self.ctx.bitrix.clone(),
+                publisher: self.ctx.publisher.clone(),
+                policy: UpkeepPolicy {
+                    poll_every: self.config.reconcile_interval,
+                    refresh_after: self.config.idle_refresh_after,
+                    payment_check_every: self.config.payment_debounce,
+                    lease: LEASE,
+                },
+                owner: format!("{}/{}", hostname(), uuid::Uuid::now_v7().simple()),
+                records: self.ctx.metrics.offline_records.clone(),
+                chores: self.ctx.metrics.upkeep.clone(),
+            }
+            .run(stop.clone()),
+        );
         let conn = consume(&self.config, self.ctx.clone(), &tracker, &ready, &stop).await;
         signal.abort();
         ready.store(false, Ordering::Relaxed);
@@ -135,6 +188,7 @@ impl App {
         }
         let _ = self.publisher_stop.send(true);
         self.ctx.publisher.close().await;
+        let _ = upkeep.await;
         let _ = http.await;
     }
 }
@@ -222,4 +276,51 @@ async fn consume(
         let _ = conn.close(200, "reconnecting".into()).await;
     }
     None
+}
+
+/// The key that seals tokens at rest; the worker does not start without one.
+fn token_cipher(config: &WorkerConfig) -> anyhow::Result<TokenCipher> {
+    let key = config.token_key.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "B24_TOKEN_KEY is not set: the worker seals portals' tokens at rest with it \
+             (32 random bytes, base64: `openssl rand -base64 32`)"
+        )
+    })?;
+    Ok(TokenCipher::new(key, config.token_keys_old.as_ref())?)
+}
+
+/// Seals tokens still in clear text (rows from before sealing) and re-seals those under
+/// an old key, so after a rotation the old key can be dropped once every replica ran.
+async fn reseal_tokens(pool: &DbPool, cipher: &TokenCipher) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    let mut resealed = 0;
+    for p in portals::with_tokens(&client).await? {
+        let open = |t: &Option<portals::Sealed>| {
+            t.as_ref().map(|t| cipher.open(&p.member_id, t)).transpose()
+        };
+        let (access, refresh) = match (open(&p.access_token), open(&p.refresh_token)) {
+            (Ok(a), Ok(r)) => (a, r),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(member_id = %p.member_id, error = %e, "cannot open the portal's tokens");
+                continue;
+            }
+        };
+        let stale = |o: &Option<Opened>| matches!(o, Some(Opened::Stale(_)));
+        if !stale(&access) && !stale(&refresh) {
+            continue;
+        }
+        let seal = |o: Option<Opened>| o.map(|o| cipher.seal(&p.member_id, &o.secret()));
+        portals::reseal(
+            &client,
+            &p.member_id,
+            seal(access).as_ref(),
+            seal(refresh).as_ref(),
+        )
+        .await?;
+        resealed += 1;
+    }
+    if resealed > 0 {
+        tracing::info!(portals = resealed, "re-sealed tokens under the current key");
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@
 
 use crate::bitrix::{Auth, B24Error, Bitrix, ErrorClass};
 use crate::handlers::{Failure, Plan};
+use b24_shared::event::MemberId;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
@@ -17,18 +18,24 @@ use tokio::sync::{mpsc, oneshot};
 /// A portal's queue task ends after this long without work.
 const IDLE: Duration = Duration::from_secs(30);
 
+/// A command that failed transiently inside a batch goes into one of the portal's next
+/// batches, after a short pause, this many times before its event is retried through
+/// the delay queues (those long rounds are for a portal that stays down).
+const COMMAND_TRIES: u32 = 4;
+
 type Reply = oneshot::Sender<Result<Vec<Value>, Failure>>;
 
 struct Job {
     calls: Vec<(&'static str, Value)>,
     reply: Reply,
+    tries: u32,
 }
 
 pub struct Batcher {
     bitrix: Bitrix,
     max: usize,
     window: Duration,
-    queues: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
+    queues: Mutex<HashMap<MemberId, mpsc::UnboundedSender<Job>>>,
 }
 
 impl Batcher {
@@ -70,6 +77,7 @@ impl Batcher {
                 .map(|f| (f.method, f.params.clone()))
                 .collect(),
             reply,
+            tries: 0,
         };
         // The portal's task may just have ended (idle): then start a new one.
         for _ in 0..2 {
@@ -97,22 +105,26 @@ impl Batcher {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Job>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MemberId, mpsc::UnboundedSender<Job>>> {
         self.queues.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn queue(self: &Arc<Self>, member_id: &str) -> mpsc::UnboundedSender<Job> {
+    fn queue(self: &Arc<Self>, member_id: &MemberId) -> mpsc::UnboundedSender<Job> {
         let mut queues = self.lock();
         if let Some(tx) = queues.get(member_id).filter(|tx| !tx.is_closed()) {
             return tx.clone();
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        queues.insert(member_id.to_string(), tx.clone());
-        tokio::spawn(self.clone().portal_loop(member_id.to_string(), rx));
+        queues.insert(member_id.clone(), tx.clone());
+        tokio::spawn(self.clone().portal_loop(member_id.clone(), rx));
         tx
     }
 
-    async fn portal_loop(self: Arc<Self>, member_id: String, mut rx: mpsc::UnboundedReceiver<Job>) {
+    async fn portal_loop(
+        self: Arc<Self>,
+        member_id: MemberId,
+        mut rx: mpsc::UnboundedReceiver<Job>,
+    ) {
         let mut carry: Option<Job> = None;
         loop {
             let first = match carry.take() {
@@ -156,7 +168,7 @@ impl Batcher {
         }
     }
 
-    async fn send(&self, member_id: &str, jobs: Vec<Job>) {
+    async fn send(self: &Arc<Self>, member_id: &MemberId, jobs: Vec<Job>) {
         let commands: usize = jobs.iter().map(|j| j.calls.len()).sum();
         self.bitrix
             .rest
@@ -230,16 +242,38 @@ impl Batcher {
                     }
                 }
             }
-            let _ = job.reply.send(match failure {
-                Some(f) => Err(f),
-                None => Ok(out),
-            });
+            match failure {
+                Some(f) if retry_soon(&f) && job.tries + 1 < COMMAND_TRIES => {
+                    self.retry_soon(member_id, job, &f);
+                }
+                Some(f) => {
+                    let _ = job.reply.send(Err(f));
+                }
+                None => {
+                    let _ = job.reply.send(Ok(out));
+                }
+            }
         }
+    }
+
+    /// Puts a job whose command failed transiently into one of the portal's next
+    /// batches after a short, growing pause.
+    fn retry_soon(self: &Arc<Self>, member_id: &MemberId, mut job: Job, failure: &Failure) {
+        job.tries += 1;
+        let pause = Duration::from_millis(250 * 2u64.pow(job.tries));
+        tracing::debug!(%member_id, code = failure.code(), tries = job.tries, ?pause, "batch command failed; retrying soon");
+        let tx = self.queue(member_id);
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            // If the portal's task is gone the job drops, and its event is retried
+            // through the delay queues (the caller sees BATCH_ABORTED).
+            let _ = tx.send(job);
+        });
     }
 
     /// Each command's `result_time` carries its method's `operating` total: keep the
     /// latest per method (one write per method, not per command).
-    async fn record_times(&self, member_id: &str, jobs: &[Job], times: &Map<String, Value>) {
+    async fn record_times(&self, member_id: &MemberId, jobs: &[Job], times: &Map<String, Value>) {
         let mut latest: HashMap<&str, &Value> = HashMap::new();
         for (ji, job) in jobs.iter().enumerate() {
             for (ci, (method, _)) in job.calls.iter().enumerate() {
@@ -259,7 +293,7 @@ impl Batcher {
     }
 
     /// A command's `result_error` entry, classified like a call of its own.
-    async fn command_failure(&self, member_id: &str, method: &str, err: &Value) -> Failure {
+    async fn command_failure(&self, member_id: &MemberId, method: &str, err: &Value) -> Failure {
         let code = err
             .get("error")
             .and_then(Value::as_str)
@@ -271,12 +305,15 @@ impl Batcher {
         let mut e = B24Error::from_answer(200, code, desc);
         e.status = None;
         if e.class == ErrorClass::MethodPaused {
-            let pause = Duration::from_secs(60);
-            self.bitrix.pause_method(member_id, method, pause).await;
-            e.retry_after = Some(pause);
+            e.retry_after = Some(self.bitrix.pause_method(member_id, method).await);
         }
         Failure::from(e)
     }
+}
+
+/// Worth a quick retry inside the batcher: a transient answer, not a pause or a hold.
+fn retry_soon(f: &Failure) -> bool {
+    matches!(f, Failure::Retry { after: None, .. })
 }
 
 fn operating(time: &Value) -> f64 {

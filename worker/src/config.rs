@@ -9,11 +9,17 @@ use b24_shared::Secret;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Bitrix24's cloud domains: the default `B24_ALLOWED_HOSTS`.
+fn secs(env: Lookup, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
+    parse(env, name, default, "a duration in seconds").map(Duration::from_secs)
+}
+
+/// Bitrix24's cloud portal domains and its authorization servers: the default
+/// `B24_ALLOWED_HOSTS`. Only zones that hold portals: the site builder's domains
+/// (`*.bitrix24.site`, `*.bitrix24.shop`) serve anyone's pages, not REST.
 pub const BITRIX24_CLOUD_HOSTS: &str = "*.bitrix24.com,*.bitrix24.ru,*.bitrix24.de,*.bitrix24.eu,\
 *.bitrix24.es,*.bitrix24.fr,*.bitrix24.it,*.bitrix24.pl,*.bitrix24.uk,*.bitrix24.ua,*.bitrix24.by,\
 *.bitrix24.kz,*.bitrix24.com.br,*.bitrix24.in,*.bitrix24.cn,*.bitrix24.com.tr,*.bitrix24.id,\
-*.bitrix24.vn,*.bitrix24.jp,*.bitrix24.site,*.bitrix24.shop,*.bitrix24.info,oauth.bitrix.info,oauth.bitrix24.tech";
+*.bitrix24.vn,*.bitrix24.jp,oauth.bitrix.info,oauth.bitrix24.info,oauth.bitrix24.tech";
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -47,6 +53,34 @@ pub struct WorkerConfig {
     pub retry_attempts: u32,
     /// Time one REST call may spend in backoff before the message is requeued with delay.
     pub retry_max_elapsed: Duration,
+    /// What `app.info` answers as `CODE` for this application (a local app's code is
+    /// its client id): an installation whose tokens belong to another app is refused.
+    pub app_code: Option<String>,
+    /// Seals tokens at rest (see [`crate::crypto`]).
+    pub token_key: Option<Secret>,
+    /// Earlier keys, still accepted for opening while rows are re-sealed.
+    pub token_keys_old: Option<Secret>,
+    /// At most one `app.info` per portal this often for unauthenticated `ONAPPPAYMENT`.
+    pub payment_debounce: Duration,
+    /// How long events of a portal whose `application_token` has not arrived yet (the
+    /// install page was processed, `ONAPPINSTALL` not yet) are retried.
+    pub token_pending_max: Duration,
+    /// How long `PORTAL_DELETED` must keep coming before the portal is marked deleted
+    /// (self-hosted portals close temporarily).
+    pub portal_deleted_grace: Duration,
+    /// How often each installed portal's offline events are collected (`None`: never).
+    pub reconcile_interval: Option<Duration>,
+    /// Portals whose tokens were issued longer ago than this are refreshed by the
+    /// reconciler, so a quiet portal's 180-day refresh token never lapses.
+    pub idle_refresh_after: Duration,
+    /// A call that would wait longer than this for its portal's budget goes back to a
+    /// delay queue instead of holding a prefetch slot.
+    pub max_limiter_wait: Duration,
+    /// Messages of one portal this worker processes at once; more wait in a delay
+    /// queue, so one portal cannot fill every prefetch slot.
+    pub portal_in_flight: usize,
+    /// Transient failures of one event are retried this long after it was received.
+    pub retry_for: Duration,
 }
 
 impl WorkerConfig {
@@ -110,6 +144,18 @@ impl WorkerConfig {
             batch_window: millis(env, "WORKER_BATCH_WINDOW_MS", "50")?,
             retry_attempts: parse(env, "B24_RETRY_ATTEMPTS", "6", "a count")?,
             retry_max_elapsed: millis(env, "B24_RETRY_MAX_ELAPSED_MS", "30000")?,
+            app_code: env("B24_APP_CODE").or_else(|| env("B24_CLIENT_ID")),
+            token_key: env("B24_TOKEN_KEY").map(Secret::new),
+            token_keys_old: env("B24_TOKEN_KEYS_OLD").map(Secret::new),
+            payment_debounce: secs(env, "WORKER_PAYMENT_DEBOUNCE_S", "300")?,
+            token_pending_max: secs(env, "WORKER_TOKEN_PENDING_MAX_S", "900")?,
+            portal_deleted_grace: secs(env, "WORKER_PORTAL_DELETED_GRACE_S", "86400")?,
+            reconcile_interval: Some(secs(env, "WORKER_RECONCILE_INTERVAL_S", "60")?)
+                .filter(|d| !d.is_zero()),
+            idle_refresh_after: secs(env, "WORKER_IDLE_REFRESH_S", "2592000")?,
+            max_limiter_wait: millis(env, "WORKER_MAX_LIMITER_WAIT_MS", "5000")?,
+            portal_in_flight: parse(env, "WORKER_PORTAL_IN_FLIGHT", "50", "a count")?,
+            retry_for: secs(env, "WORKER_RETRY_FOR_S", "86400")?,
         })
     }
 }

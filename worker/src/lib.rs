@@ -7,11 +7,14 @@ pub mod batch;
 pub mod bitrix;
 pub mod config;
 pub mod consumer;
+pub mod crypto;
 pub mod dlq;
 pub mod handlers;
 mod http;
 pub mod metrics;
+pub mod reconcile;
 pub mod store;
+pub mod verify;
 
 pub use app::App;
 pub use config::WorkerConfig;

@@ -7,13 +7,21 @@ use prometheus::{HistogramVec, IntCounterVec, IntGauge, Registry};
 #[derive(Clone)]
 pub struct WorkerMetrics {
     pub registry: Registry,
-    /// By event label and outcome: done, duplicate, ignored, retry, dead.
+    /// By event label and outcome: done, duplicate, ignored, debounced, denied, retry,
+    /// held, dead, dropped, requeued.
     pub messages: IntCounterVec,
     pub processing: HistogramVec,
     pub retries: IntCounterVec,
     /// By event label and error code.
     pub dead_letters: IntCounterVec,
+    /// Messages that failed verification (unknown portal, forged token, unproved
+    /// installation), by event label and reason: counted and dropped.
+    pub verification_failures: IntCounterVec,
     pub in_flight: IntGauge,
+    /// Offline-event records by outcome: `published`, `error`.
+    pub offline_records: IntCounterVec,
+    /// Upkeep chores (offline_poll, idle_refresh, payment_check) by outcome.
+    pub upkeep: IntCounterVec,
     pub b24: B24Metrics,
 }
 
@@ -48,6 +56,24 @@ impl Default for WorkerMetrics {
                 "Messages dead-lettered, by event and error code",
                 &["event", "code"],
             ),
+            verification_failures: counter_vec(
+                &registry,
+                "b24_worker_verification_failures_total",
+                "Messages dropped because they failed verification, by event and reason",
+                &["event", "reason"],
+            ),
+            offline_records: counter_vec(
+                &registry,
+                "b24_worker_offline_records_total",
+                "Offline-event records collected from Bitrix24, by outcome",
+                &["outcome"],
+            ),
+            upkeep: counter_vec(
+                &registry,
+                "b24_worker_upkeep_total",
+                "Portal upkeep chores (offline_poll, idle_refresh, payment_check) by outcome",
+                &["chore", "outcome"],
+            ),
             in_flight: register(
                 &registry,
                 IntGauge::new(
@@ -58,20 +84,5 @@ impl Default for WorkerMetrics {
             b24: B24Metrics::new(&registry),
             registry,
         }
-    }
-}
-
-/// A bounded label for an event code: the codes we handle by name, the rest grouped.
-pub fn event_label(kind: &str, code: &str) -> &'static str {
-    match (kind, code) {
-        ("event", "ONCRMDEALRECURRINGEXPOSE") => "ONCRMDEALRECURRINGEXPOSE",
-        ("event", "ONCRMREQUISITEADD") => "ONCRMREQUISITEADD",
-        ("event", "ONAPPPAYMENT") => "ONAPPPAYMENT",
-        ("event", "ONAPPINSTALL") => "ONAPPINSTALL",
-        ("event", "ONAPPUNINSTALL") => "ONAPPUNINSTALL",
-        ("event", _) => "other_event",
-        ("placement", _) => "placement",
-        ("install", _) => "install",
-        _ => "unknown",
     }
 }

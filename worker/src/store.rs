@@ -1,12 +1,20 @@
-//! What the worker reads and writes in PostgreSQL. An event's row is keyed by a digest
-//! of what makes it the same event (member_id, code, ts, data), so a redelivery or a
-//! duplicate POST finds the row and is not processed twice; entity writes are upserts.
+//! The worker's own tables: `events` (one row per distinct inbound event) and
+//! `entities` (what events pointed at, as Bitrix24 returned it). Portals have their own
+//! module (`b24_shared::portals`).
+//!
+//! An event's row is keyed by a digest of what makes it the same event (member_id,
+//! code, ts, data), so a redelivery or a duplicate POST finds the row and is not
+//! processed twice; entity writes are upserts. jsonb cannot hold U+0000, which Bitrix24
+//! answers may contain: such an entity keeps its exact text in `raw` (json) and has
+//! U+FFFD in its place in `data`.
 
 use b24_shared::db::DbPool;
-use b24_shared::event::redact;
-use b24_shared::{Envelope, EnvelopeKind, Secret};
+use b24_shared::event::{redact, MemberId};
+use b24_shared::{Envelope, EnvelopeKind};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -14,16 +22,6 @@ pub enum StoreError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] b24_shared::db::PoolError),
-}
-
-/// A stored portal, as verification needs it.
-#[derive(Debug, Clone)]
-pub struct PortalRow {
-    pub member_id: String,
-    pub domain: String,
-    pub client_endpoint: String,
-    pub application_token: Option<Secret>,
-    pub status: String,
 }
 
 /// One row to upsert into `entities`.
@@ -34,39 +32,55 @@ pub struct EntityWrite {
     pub data: Value,
 }
 
-/// The app's payment state, kept on the portal row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PaymentState {
-    pub app_status: String,
-    pub payment_expired: bool,
-    pub days_left: Option<i32>,
-}
-
 /// Where an event stands before processing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventState {
     /// Not finished before: process it (`attempts` counts this delivery).
     Open { attempts: i32 },
-    /// Already processed (`done` or `ignored`): ack and move on.
+    /// Already processed (`done`, `ignored`, `denied`): ack and move on.
     Finished,
 }
 
+/// How an event's row ends or waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventStatus {
+    Done,
+    /// Not an event we handle.
+    Ignored,
+    /// A widget call whose user's own token Bitrix24 refused: recorded, not retried.
+    Denied,
+    /// In a delay queue, spending an attempt.
+    Retrying,
+    /// In a delay queue while its portal cannot be called (unpaid, reinstall...).
+    Held,
+    Dead,
+}
+
+impl EventStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Ignored => "ignored",
+            Self::Denied => "denied",
+            Self::Retrying => "retrying",
+            Self::Held => "held",
+            Self::Dead => "dead",
+        }
+    }
+}
+
 /// The identity of an event: the same member_id, code, ts and data are the same event
-/// however often it arrives. Widget and install calls have no `ts`: each call is its
-/// own, so their envelope id is their identity.
+/// however often it arrives. An offline record is identified by its `MESSAGE_ID` and
+/// `TIMESTAMP_X` (a repeat of a change moves the timestamp). Widget and install calls
+/// have no `ts`: each call is its own, so their envelope id is their identity.
 pub fn dedup_key(env: &Envelope) -> String {
     let mut h = Sha256::new();
+    let member = env.member_id.as_ref().map(|m| m.as_str()).unwrap_or("");
     match env.kind {
         EnvelopeKind::Event => {
             let p = &env.payload;
             h.update(b"event\0");
-            h.update(
-                env.member_id
-                    .as_ref()
-                    .map(|m| m.as_str())
-                    .unwrap_or("")
-                    .as_bytes(),
-            );
+            h.update(member.as_bytes());
             h.update(b"\0");
             h.update(env.domain.as_deref().unwrap_or("").as_bytes());
             h.update(b"\0");
@@ -76,6 +90,15 @@ pub fn dedup_key(env: &Envelope) -> String {
             h.update(b"\0");
             // serde_json's map is ordered by key, so this text is canonical.
             h.update(p["data"].to_string().as_bytes());
+        }
+        EnvelopeKind::Offline => {
+            let p = &env.payload;
+            h.update(b"offline\0");
+            h.update(member.as_bytes());
+            h.update(b"\0");
+            h.update(scalar(&p["MESSAGE_ID"]).as_bytes());
+            h.update(b"\0");
+            h.update(scalar(&p["TIMESTAMP_X"]).as_bytes());
         }
         EnvelopeKind::Placement | EnvelopeKind::Install => {
             h.update(env.kind.as_str().as_bytes());
@@ -94,6 +117,36 @@ fn scalar(v: &Value) -> String {
     }
 }
 
+/// A value jsonb can store: every U+0000 in a string or key replaced by U+FFFD.
+/// Borrowed when there is none (the usual case).
+pub fn jsonb_safe(v: &Value) -> Cow<'_, Value> {
+    fn has_nul(v: &Value) -> bool {
+        match v {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(a) => a.iter().any(has_nul),
+            Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    fn clean(v: &Value) -> Value {
+        match v {
+            Value::String(s) => Value::String(s.replace('\0', "\u{FFFD}")),
+            Value::Array(a) => Value::Array(a.iter().map(clean).collect()),
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, v)| (k.replace('\0', "\u{FFFD}"), clean(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    if has_nul(v) {
+        Cow::Owned(clean(v))
+    } else {
+        Cow::Borrowed(v)
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: DbPool,
@@ -108,74 +161,42 @@ impl Store {
         &self.pool
     }
 
-    /// Finds the portal by member_id, or by domain for events documented without one.
-    pub async fn portal(
+    /// Records a delivery of a verified event and says whether it still needs
+    /// processing.
+    pub async fn begin(
         &self,
-        member_id: Option<&str>,
-        domain: Option<&str>,
-    ) -> Result<Option<PortalRow>, StoreError> {
+        key: &str,
+        env: &Envelope,
+        member_id: Option<&MemberId>,
+    ) -> Result<EventState, StoreError> {
         let client = self.pool.get().await?;
-        let row = match (member_id, domain) {
-            (Some(m), _) => {
-                client
-                    .query_opt(
-                        "SELECT member_id, domain, client_endpoint, application_token, status
-                           FROM portals WHERE member_id = $1",
-                        &[&m],
-                    )
-                    .await?
-            }
-            (None, Some(d)) => {
-                client
-                    .query_opt(
-                        "SELECT member_id, domain, client_endpoint, application_token, status
-                           FROM portals WHERE lower(domain) = lower($1)
-                          ORDER BY updated_at DESC LIMIT 1",
-                        &[&d],
-                    )
-                    .await?
-            }
-            (None, None) => None,
-        };
-        Ok(row.map(|r| PortalRow {
-            member_id: r.get(0),
-            domain: r.get(1),
-            client_endpoint: r.get(2),
-            application_token: r.get::<_, Option<String>>(3).map(Secret::new),
-            status: r.get(4),
-        }))
-    }
-
-    /// Records a delivery of the event and says whether it still needs processing.
-    pub async fn begin(&self, key: &str, env: &Envelope) -> Result<EventState, StoreError> {
-        let client = self.pool.get().await?;
-        let member = env.member_id.as_ref().map(|m| m.as_str().to_string());
+        let payload = redact(&env.payload);
         let row = client
             .query_one(
                 "INSERT INTO events (dedup_key, envelope_id, member_id, kind, event, status,
                                      attempts, payload, received_at)
                  VALUES ($1, $2, $3, $4, $5, 'processing', 1, $6, $7)
                  ON CONFLICT (dedup_key) DO UPDATE
-                   SET attempts = CASE WHEN events.status IN ('done', 'ignored')
+                   SET attempts = CASE WHEN events.status IN ('done', 'ignored', 'denied')
                                        THEN events.attempts ELSE events.attempts + 1 END,
-                       status = CASE WHEN events.status IN ('done', 'ignored')
+                       status = CASE WHEN events.status IN ('done', 'ignored', 'denied')
                                      THEN events.status ELSE 'processing' END,
                        updated_at = now()
                  RETURNING status, attempts",
                 &[
                     &key,
                     &env.id,
-                    &member,
+                    &member_id,
                     &env.kind.as_str(),
                     &env.event,
-                    &redact(&env.payload),
+                    &*jsonb_safe(&payload),
                     &env.received_at,
                 ],
             )
             .await?;
         let status: String = row.get(0);
         Ok(match status.as_str() {
-            "done" | "ignored" => EventState::Finished,
+            "done" | "ignored" | "denied" => EventState::Finished,
             _ => EventState::Open {
                 attempts: row.get(1),
             },
@@ -201,7 +222,13 @@ impl Store {
                  VALUES ($1, $2, 'unknown', 'UNKNOWN', 'dead', 1, $3, $4, $5, now())
                  ON CONFLICT (dedup_key) DO UPDATE SET attempts = events.attempts + 1,
                      updated_at = now()",
-                &[&key, &uuid::Uuid::now_v7(), &reason, &code, &payload],
+                &[
+                    &key,
+                    &uuid::Uuid::now_v7(),
+                    &reason,
+                    &code,
+                    &*jsonb_safe(&payload),
+                ],
             )
             .await?;
         Ok(())
@@ -211,7 +238,7 @@ impl Store {
     pub async fn settle(
         &self,
         key: &str,
-        status: &str,
+        status: EventStatus,
         error: Option<(&str, &str)>,
     ) -> Result<(), StoreError> {
         let client = self.pool.get().await?;
@@ -223,7 +250,7 @@ impl Store {
                         last_error = coalesce($4, last_error),
                         updated_at = now()
                   WHERE dedup_key = $1",
-                &[&key, &status, &code, &reason],
+                &[&key, &status.as_str(), &code, &reason],
             )
             .await?;
         Ok(())
@@ -233,99 +260,73 @@ impl Store {
     pub async fn complete(
         &self,
         key: &str,
-        member_id: &str,
+        member_id: &MemberId,
         writes: &[EntityWrite],
-        payment: Option<&PaymentState>,
     ) -> Result<(), StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         for w in writes {
+            let safe = jsonb_safe(&w.data);
+            let raw = matches!(safe, Cow::Owned(_)).then_some(&w.data);
             tx.execute(
-                "INSERT INTO entities (member_id, kind, entity_id, data, fetched_at)
-                 VALUES ($1, $2, $3, $4, now())
+                "INSERT INTO entities (member_id, kind, entity_id, data, raw, fetched_at)
+                 VALUES ($1, $2, $3, $4, $5::json, now())
                  ON CONFLICT (member_id, kind, entity_id)
-                 DO UPDATE SET data = EXCLUDED.data, fetched_at = now()",
-                &[&member_id, &w.kind, &w.entity_id, &w.data],
-            )
-            .await?;
-        }
-        if let Some(p) = payment {
-            tx.execute(
-                "UPDATE portals SET app_status = $2, payment_expired = $3, days_left = $4,
-                        updated_at = now()
-                  WHERE member_id = $1",
-                &[&member_id, &p.app_status, &p.payment_expired, &p.days_left],
+                 DO UPDATE SET data = EXCLUDED.data, raw = EXCLUDED.raw, fetched_at = now()",
+                &[member_id, &w.kind, &w.entity_id, &*safe, &raw],
             )
             .await?;
         }
         tx.execute(
             "UPDATE events SET status = 'done', member_id = coalesce(member_id, $2),
                     updated_at = now() WHERE dedup_key = $1",
-            &[&key, &member_id],
+            &[&key, member_id],
         )
         .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Creates or replaces the portal after a verified installation.
-    pub async fn install(&self, p: &Installation) -> Result<(), StoreError> {
+    /// Were all these entities fetched after `at`? (An offline record of a change the
+    /// online path already fetched needs no second fetch.)
+    pub async fn fetched_after(
+        &self,
+        member_id: &MemberId,
+        entities: &[(&str, &str)],
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        if entities.is_empty() {
+            return Ok(false);
+        }
         let client = self.pool.get().await?;
-        client
-            .execute(
-                "INSERT INTO portals (member_id, domain, client_endpoint, server_endpoint,
-                                      access_token, refresh_token, expires_at,
-                                      application_token, status)
-                 VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7), $8, 'installed')
-                 ON CONFLICT (member_id) DO UPDATE SET
-                     domain = EXCLUDED.domain,
-                     client_endpoint = EXCLUDED.client_endpoint,
-                     server_endpoint = coalesce(EXCLUDED.server_endpoint, portals.server_endpoint),
-                     access_token = EXCLUDED.access_token,
-                     refresh_token = EXCLUDED.refresh_token,
-                     expires_at = EXCLUDED.expires_at,
-                     application_token = coalesce(EXCLUDED.application_token, portals.application_token),
-                     status = 'installed',
-                     updated_at = now()",
-                &[
-                    &p.member_id,
-                    &p.domain,
-                    &p.client_endpoint,
-                    &p.server_endpoint,
-                    &p.access_token.expose(),
-                    &p.refresh_token.expose(),
-                    &(p.expires_in as f64),
-                    &p.application_token.as_ref().map(|t| t.expose().to_string()),
-                ],
+        let kinds: Vec<&str> = entities.iter().map(|(k, _)| *k).collect();
+        let ids: Vec<&str> = entities.iter().map(|(_, i)| *i).collect();
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM entities e
+                   JOIN unnest($2::text[], $3::text[]) AS w(kind, entity_id)
+                     ON e.kind = w.kind AND e.entity_id = w.entity_id
+                  WHERE e.member_id = $1 AND e.fetched_at >= $4",
+                &[member_id, &kinds, &ids, &at],
             )
             .await?;
-        Ok(())
-    }
-
-    /// Marks the portal uninstalled and erases its tokens.
-    pub async fn uninstall(&self, member_id: &str) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
-        client
-            .execute(
-                "UPDATE portals SET status = 'uninstalled', access_token = NULL,
-                        refresh_token = NULL, expires_at = NULL, updated_at = now()
-                  WHERE member_id = $1",
-                &[&member_id],
-            )
-            .await?;
-        Ok(())
+        Ok(row.get::<_, i64>(0) == entities.len() as i64)
     }
 }
 
-/// A verified installation to store.
-#[derive(Debug, Clone)]
-pub struct Installation {
-    pub member_id: String,
-    pub domain: String,
-    pub client_endpoint: String,
-    pub server_endpoint: Option<String>,
-    pub access_token: Secret,
-    pub refresh_token: Secret,
-    pub expires_in: i64,
-    pub application_token: Option<Secret>,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nul_is_replaced_only_where_it_is() {
+        let clean = json!({"a": "x", "b": [1, "y"]});
+        assert!(matches!(jsonb_safe(&clean), Cow::Borrowed(_)));
+        let dirty = json!({"a": "x\u{0}y", "k\u{0}": {"c": ["\u{0}"]}});
+        assert_eq!(
+            *jsonb_safe(&dirty),
+            json!({"a": "x\u{FFFD}y", "k\u{FFFD}": {"c": ["\u{FFFD}"]}})
+        );
+    }
 }

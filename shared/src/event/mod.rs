@@ -3,6 +3,9 @@
 //! Bitrix24 sends every value as a string in forms but the docs show numbers in JSON,
 //! so scalar fields accept both; codes arrive in any letter case (`onCrmRequisiteAdd`).
 
+mod known;
+pub use known::{KnownEvent, KnownPlacement};
+
 use crate::form::{decode_form, may_hold_nul, nul_field, FormError, FormLimits};
 use crate::Secret;
 use serde::{Deserialize, Serialize};
@@ -491,27 +494,9 @@ impl PlacementCall {
     }
 }
 
-/// Maps a detail-activity placement to its CRM entityTypeId: lead 1, deal 2, contact 3,
-/// company 4, quote 7, smart invoice 31, and `CRM_DYNAMIC_<N>_…` to N.
+/// Maps a detail-activity placement to its CRM entityTypeId (see [`KnownPlacement`]).
 pub fn crm_entity_type_id(placement: &str) -> Option<u32> {
-    let middle = placement
-        .strip_prefix("CRM_")?
-        .strip_suffix("_DETAIL_ACTIVITY")?;
-    match middle {
-        "LEAD" => Some(1),
-        "DEAL" => Some(2),
-        "CONTACT" => Some(3),
-        "COMPANY" => Some(4),
-        "QUOTE" => Some(7),
-        "SMART_INVOICE" => Some(31),
-        _ => {
-            let n = middle.strip_prefix("DYNAMIC_")?;
-            if n.is_empty() || n.starts_with('0') || !n.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            n.parse().ok()
-        }
-    }
+    KnownPlacement::from_code(placement).map(KnownPlacement::entity_type_id)
 }
 
 /// The install page (`/install`): the installing user's tokens, before any event.

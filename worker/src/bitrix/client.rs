@@ -19,6 +19,8 @@ pub struct Answer {
     pub time: Option<Value>,
     /// Set when the portal answered with a redirect we followed: its new endpoint.
     pub moved_to: Option<Url>,
+    /// A list method's `next`: the `start` of the following page, when there is one.
+    pub next: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -175,10 +177,11 @@ impl RestClient {
             self.metrics
                 .observe(method, &status.to_string(), timer.elapsed());
             let bytes = bytes.map_err(|e| B24Error::transient("NETWORK_ERROR", without_url(&e)))?;
-            return parse_answer(status, &bytes).map(|(result, time)| Answer {
+            return parse_answer(status, &bytes).map(|(result, time, next)| Answer {
                 result,
                 time,
                 moved_to,
+                next,
             });
         }
         Err(B24Error::ours(
@@ -198,7 +201,10 @@ fn without_url(e: &reqwest::Error) -> String {
 }
 
 /// Turns a status and body into the result or a classified error.
-pub fn parse_answer(status: u16, bytes: &[u8]) -> Result<(Value, Option<Value>), B24Error> {
+pub fn parse_answer(
+    status: u16,
+    bytes: &[u8],
+) -> Result<(Value, Option<Value>, Option<u64>), B24Error> {
     let Ok(json) = serde_json::from_slice::<Value>(bytes) else {
         // A gateway in front of the portal answers HTML while it is sick: transient.
         // Anything else non-JSON is not something retrying will fix.
@@ -229,8 +235,13 @@ pub fn parse_answer(status: u16, bytes: &[u8]) -> Result<(Value, Option<Value>),
     match json {
         Value::Object(mut o) => {
             let time = o.remove("time");
+            let next = o.get("next").and_then(|n| match n {
+                Value::Number(n) => n.as_u64(),
+                Value::String(s) => s.parse().ok(),
+                _ => None,
+            });
             match o.remove("result") {
-                Some(result) => Ok((result, time)),
+                Some(result) => Ok((result, time, next)),
                 None => Err(B24Error::from_answer(
                     status,
                     "NO_RESULT",
@@ -252,8 +263,12 @@ mod tests {
 
     #[test]
     fn answers_are_parsed_into_result_or_classified_error() {
-        let (r, t) =
-            parse_answer(200, br#"{"result":{"ID":"1"},"time":{"operating":0.5}}"#).unwrap();
+        let (r, t, next) = parse_answer(
+            200,
+            br#"{"result":{"ID":"1"},"time":{"operating":0.5},"next":50}"#,
+        )
+        .unwrap();
+        assert_eq!(next, Some(50));
         assert_eq!(r["ID"], "1");
         assert_eq!(t.unwrap()["operating"], 0.5);
         let e = parse_answer(

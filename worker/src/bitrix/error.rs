@@ -18,17 +18,24 @@ pub enum ErrorClass {
     NeedsRefresh,
     /// Permanent for this event or portal (`ACCESS_DENIED`, refresh `invalid_grant`…).
     Permanent,
-    /// `PORTAL_DELETED`: the portal is gone.
+    /// `PORTAL_DELETED`: the portal is gone, or closed for a while (self-hosted).
     PortalGone,
+    /// `PAYMENT_REQUIRED`: the app's subscription lapsed; the portal's events wait.
+    PaymentRequired,
+    /// Ours: the portal cannot be called now (unpaid, needs a reinstall, closed for a
+    /// while, its budget saturated). The message waits in a delay queue for
+    /// `retry_after` without spending an attempt.
+    Held,
     /// Anything else (`ERROR_METHOD_NOT_FOUND`, unknown codes, non-JSON): not retried.
     NotRetryable,
 }
 
 impl ErrorClass {
+    /// Worth trying again later, spending an attempt.
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::Transient | Self::RateLimited | Self::MethodPaused
+            Self::Transient | Self::RateLimited | Self::MethodPaused | Self::NeedsRefresh
         )
     }
 }
@@ -53,6 +60,7 @@ pub fn classify(code: &str) -> ErrorClass {
         | "NOT_INSTALLED"
         | "APPLICATION_NOT_FOUND" => ErrorClass::Permanent,
         "PORTAL_DELETED" => ErrorClass::PortalGone,
+        "PAYMENT_REQUIRED" => ErrorClass::PaymentRequired,
         _ => ErrorClass::NotRetryable,
     }
 }
@@ -100,6 +108,13 @@ impl B24Error {
     pub fn transient(code: &str, description: impl Into<String>) -> Self {
         Self::ours(ErrorClass::Transient, code, description)
     }
+
+    /// The portal cannot be called for `after`: its messages wait without failing.
+    pub fn held(code: &str, description: impl Into<String>, after: Duration) -> Self {
+        let mut e = Self::ours(ErrorClass::Held, code, description);
+        e.retry_after = Some(after);
+        e
+    }
 }
 
 impl fmt::Display for B24Error {
@@ -143,6 +158,7 @@ mod tests {
             ("user_access_error", Permanent),
             ("PORTAL_DELETED", PortalGone),
             ("OPERATION_TIME_LIMIT", MethodPaused),
+            ("PAYMENT_REQUIRED", PaymentRequired),
             ("invalid_grant", Permanent),
             ("ERROR_METHOD_NOT_FOUND", NotRetryable),
             ("SOMETHING_NEW", NotRetryable),

@@ -119,6 +119,16 @@ impl AllowedHosts {
     }
 }
 
+/// A portal's domain as Bitrix24 writes it (`some-domain.bitrix24.com`): the host of
+/// its `client_endpoint`, with the port when one is given (local test portals).
+pub fn domain_of(url: &Url) -> Option<String> {
+    let host = url.host_str()?.to_ascii_lowercase();
+    Some(match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +165,14 @@ mod tests {
             a.check("http://10.0.0.1/rest/"),
             Err(EndpointError::NotAllowed("10.0.0.1".into()))
         );
+    }
+
+    #[test]
+    fn a_domain_is_the_endpoints_host_and_port() {
+        let u = Url::parse("https://Some-Domain.bitrix24.com/rest/").unwrap();
+        assert_eq!(domain_of(&u).as_deref(), Some("some-domain.bitrix24.com"));
+        let u = Url::parse("http://127.0.0.1:4567/rest/").unwrap();
+        assert_eq!(domain_of(&u).as_deref(), Some("127.0.0.1:4567"));
     }
 
     #[test]

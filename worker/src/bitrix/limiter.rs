@@ -1,73 +1,97 @@
 //! The per-portal request budget, shared by every worker replica through PostgreSQL:
-//! GCRA with one row per portal and one atomic UPDATE per call. Each call reserves its
-//! slot and then sleeps until the slot's time, so callers wait instead of failing, and
-//! all replicas together stay inside the portal's leaky bucket. Time is the
-//! database's `now()`, one clock for all replicas.
+//! GCRA with one row per portal and one call of `b24_reserve_slot` (migration 0002)
+//! per request. Time is the database's clock, one for all replicas.
+//!
+//! Two things a newcomer would not expect. A slot is reserved only when it comes within
+//! `max_wait`: a longer wait means the portal is saturated, and the message goes back to
+//! a delay queue instead of holding a prefetch slot while it sleeps. And the budget
+//! learns: a `QUERY_LIMIT_EXCEEDED` it did not foresee ([`Limiter::limit_hit`]) slows
+//! that portal for every replica to what it really allows, and granted slots let it
+//! drift back to the configured rate.
 
 use b24_shared::db::{DbError, DbPool};
+use b24_shared::event::MemberId;
 use std::time::Duration;
 
 #[derive(Clone)]
 pub struct Limiter {
     pool: DbPool,
-    /// Seconds between requests at the sustained rate (1 / rate).
+    /// Seconds between requests at the configured rate (1 / rate).
     interval: f64,
-    /// How far ahead of the sustained rate a portal may run: the burst, less a margin
-    /// for requests that leave our replicas in a different order than they reserved.
-    tolerance: f64,
+    burst: f64,
+    max_wait: Duration,
 }
 
 /// Slots of the burst kept in reserve (requests reordered in flight, clocks).
 const BURST_MARGIN: f64 = 3.0;
 
+/// What a reservation found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Slot {
+    /// Reserved: go after this wait.
+    After(Duration),
+    /// Not reserved: the next slot is this far away, beyond `max_wait`.
+    Saturated(Duration),
+}
+
 impl Limiter {
-    pub fn new(pool: DbPool, rate_per_sec: f64, burst: f64) -> Self {
-        let interval = 1.0 / rate_per_sec;
-        let tolerance = ((burst - 1.0 - BURST_MARGIN).max(0.0)) * interval;
+    pub fn new(pool: DbPool, rate_per_sec: f64, burst: f64, max_wait: Duration) -> Self {
         Self {
             pool,
-            interval,
-            tolerance,
+            interval: 1.0 / rate_per_sec,
+            burst,
+            max_wait,
         }
     }
 
-    /// Reserves one request slot for the portal; returns how long to wait for it.
-    pub async fn reserve(&self, member_id: &str) -> Result<Duration, DbError> {
+    /// Reserves one request slot for the portal if it comes within `max_wait`.
+    pub async fn reserve(&self, member_id: &MemberId) -> Result<Slot, DbError> {
         let client = self.pool.get().await?;
         let row = client
             .query_one(
-                "INSERT INTO rate_limits AS r (member_id, tat)
-                 VALUES ($1, clock_timestamp() + make_interval(secs => $2))
-                 ON CONFLICT (member_id) DO UPDATE
-                   SET tat = greatest(r.tat, clock_timestamp()) + make_interval(secs => $2)
-                 RETURNING greatest(0, extract(epoch FROM
-                   (tat - make_interval(secs => $2 + $3) - clock_timestamp())))::float8",
-                &[&member_id, &self.interval, &self.tolerance],
+                "SELECT wait, granted FROM b24_reserve_slot($1, $2, $3, $4, $5)",
+                &[
+                    member_id,
+                    &self.interval,
+                    &self.burst,
+                    &BURST_MARGIN,
+                    &self.max_wait.as_secs_f64(),
+                ],
             )
             .await?;
-        let wait: f64 = row.get(0);
-        Ok(Duration::from_secs_f64(wait.max(0.0)))
+        let wait = Duration::from_secs_f64(row.get::<_, f64>(0).max(0.0));
+        Ok(if row.get::<_, bool>(1) {
+            Slot::After(wait)
+        } else {
+            Slot::Saturated(wait)
+        })
     }
 
-    /// Reserves a slot and sleeps until it comes.
-    pub async fn acquire(&self, member_id: &str) -> Result<Duration, DbError> {
-        let wait = self.reserve(member_id).await?;
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+    /// Reserves a slot and sleeps until it comes; `Saturated` is returned untouched.
+    pub async fn acquire(&self, member_id: &MemberId) -> Result<Slot, DbError> {
+        let slot = self.reserve(member_id).await?;
+        if let Slot::After(wait) = slot {
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
         }
-        Ok(wait)
+        Ok(slot)
     }
 
-    /// After a 503 QUERY_LIMIT_EXCEEDED: treat the portal's bucket as full for every
-    /// replica, so all of them slow down, not just the one that was refused.
-    pub async fn push_back(&self, member_id: &str, pause: Duration) -> Result<(), DbError> {
+    /// After a 503 `QUERY_LIMIT_EXCEEDED`: the portal's bucket is full for every
+    /// replica for `pause`, and its rate and burst are learned down.
+    pub async fn limit_hit(&self, member_id: &MemberId, pause: Duration) -> Result<(), DbError> {
         let client = self.pool.get().await?;
         client
             .execute(
-                "UPDATE rate_limits
-                    SET tat = greatest(tat, clock_timestamp() + make_interval(secs => $2 + $3))
-                  WHERE member_id = $1",
-                &[&member_id, &self.tolerance, &pause.as_secs_f64()],
+                "SELECT b24_limit_hit($1, $2, $3, $4, $5)",
+                &[
+                    member_id,
+                    &self.interval,
+                    &self.burst,
+                    &BURST_MARGIN,
+                    &pause.as_secs_f64(),
+                ],
             )
             .await?;
         Ok(())

@@ -1,6 +1,8 @@
-//! The Bitrix24 REST client: [`client`] makes one request, [`error`] classifies what
-//! came back, [`session`] makes calls for a stored portal resilient (budget, backoff,
-//! refresh), [`hosts`] keeps every request inside `B24_ALLOWED_HOSTS`.
+//! The Bitrix24 REST client (the worker's alone): [`client`] makes one request,
+//! [`error`] classifies what came back, [`session`] makes calls for a stored portal
+//! resilient (budget, backoff, refresh, the portal's lifecycle answers), [`oauth`]
+//! talks to each portal's authorization server, [`hosts`] keeps every request inside
+//! `B24_ALLOWED_HOSTS`.
 
 pub mod client;
 pub mod error;
@@ -15,4 +17,4 @@ pub use client::{Answer, RestClient};
 pub use error::{B24Error, ErrorClass};
 pub use hosts::AllowedHosts;
 pub use metrics::B24Metrics;
-pub use session::{Auth, Bitrix, StoredPortal};
+pub use session::{Auth, Bitrix, Session};

@@ -1,20 +1,39 @@
-//! Calls on behalf of a stored portal: shared rate budget, backoff, method pauses,
-//! redirects and single-flight token refresh. The thing a newcomer gets wrong: a
-//! refresh token is single-use and a refresh kills the access token issued with it,
-//! so a 401 must never lead two replicas to refresh at once. Here the portal's row
-//! lock serializes refreshes, and a replica that finds a stored token different from
-//! the one that failed uses that one instead of refreshing again.
+//! Calls on behalf of a stored portal: the shared budget, backoff, method pauses,
+//! redirects, the portal's lifecycle answers (`PAYMENT_REQUIRED`, `PORTAL_DELETED`)
+//! and single-flight token refresh.
+//!
+//! The thing a newcomer gets wrong: a refresh token is single-use and a refresh kills
+//! the access token issued with it, so a 401 must never lead two replicas to refresh at
+//! once. The portal's row lock serializes refreshes, and a replica that finds a stored
+//! token different from the one that failed uses that one instead of refreshing again.
+//! And an expired token is never a reason to give an event up: only a refused refresh
+//! (`invalid_grant`) stops a portal, and then its events wait for the reinstall.
 
 use super::client::{Answer, RestClient};
 use super::error::{B24Error, ErrorClass};
-use super::limiter::Limiter;
-use super::oauth::{self, OAuthApp};
+use super::hosts::domain_of;
+use super::limiter::{Limiter, Slot};
+use super::oauth::{self, OAuthApp, TokenPair};
 use super::retry::{Retry, RetryPolicy};
+use crate::crypto::{Opened, TokenCipher};
 use b24_shared::db::DbPool;
+use b24_shared::event::MemberId;
+use b24_shared::portals::{self, Portal, PortalStatus};
 use b24_shared::Secret;
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
 use url::Url;
+
+/// How long messages of a portal that cannot be called wait before they look again.
+pub const HOLD: Duration = Duration::from_secs(600);
+
+/// Refreshes one call may make when tokens keep expiring under it; then it is retried
+/// later like any transient failure (never dead-lettered for it).
+const MAX_REFRESHES_PER_CALL: u32 = 3;
+
+/// How long a method stays paused after 429 when Bitrix24 gave no reset time.
+const DEFAULT_METHOD_PAUSE: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct Bitrix {
@@ -22,17 +41,20 @@ pub struct Bitrix {
     pool: DbPool,
     limiter: Limiter,
     oauth: Option<OAuthApp>,
+    cipher: Arc<TokenCipher>,
     policy: RetryPolicy,
+    /// How long `PORTAL_DELETED` must keep coming before the portal is marked deleted.
+    deleted_grace: Duration,
 }
 
-/// A portal's stored endpoint and tokens.
+/// A stored portal, ready to be called: its endpoint and its opened access token.
 #[derive(Debug, Clone)]
-pub struct StoredPortal {
-    pub member_id: String,
+pub struct Session {
+    pub member_id: MemberId,
     pub endpoint: Url,
     pub access_token: Secret,
-    pub refresh_token: Secret,
-    pub status: String,
+    /// `PORTAL_DELETED` was seen lately: a successful call clears it.
+    gone: bool,
 }
 
 /// Which token a call uses.
@@ -40,9 +62,13 @@ pub struct StoredPortal {
 pub enum Auth {
     /// The portal's stored pair, refreshed as needed.
     Stored,
-    /// A token that came with the call (a widget's AUTH_ID, an install's AUTH_ID), used
-    /// as is against the given endpoint; never refreshed, never stored by this call.
-    Given { endpoint: Url, token: Secret },
+    /// The stored pair even while the portal is held for payment: the `app.info` that
+    /// checks whether it has been paid. `PAYMENT_REQUIRED` comes back as an error of
+    /// class `PaymentRequired`, not as a hold.
+    StoredPaymentCheck,
+    /// A widget user's own `AUTH_ID`, against the stored portal's endpoint: used as is,
+    /// never refreshed, never stored.
+    User { endpoint: Url, token: Secret },
 }
 
 /// Bitrix24's execution-time budget per method: 480 s of work per 10 minutes.
@@ -58,24 +84,29 @@ pub fn slowdown(operating: f64) -> Option<Duration> {
     Some(Duration::from_secs_f64(0.5 + 4.5 * over))
 }
 
-fn db_error(e: impl std::fmt::Display) -> B24Error {
+pub fn db_error(e: impl std::fmt::Display) -> B24Error {
     B24Error::transient("DATABASE", e.to_string())
 }
 
 impl Bitrix {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         rest: RestClient,
         pool: DbPool,
         limiter: Limiter,
         oauth: Option<OAuthApp>,
+        cipher: Arc<TokenCipher>,
         policy: RetryPolicy,
+        deleted_grace: Duration,
     ) -> Self {
         Self {
             rest,
             pool,
             limiter,
             oauth,
+            cipher,
             policy,
+            deleted_grace,
         }
     }
 
@@ -83,87 +114,128 @@ impl Bitrix {
         &self.limiter
     }
 
-    pub async fn load_portal(&self, member_id: &str) -> Result<Option<StoredPortal>, B24Error> {
-        let client = self.pool.get().await.map_err(db_error)?;
-        let row = client
-            .query_opt(
-                "SELECT client_endpoint, access_token, refresh_token, status
-                   FROM portals WHERE member_id = $1",
-                &[&member_id],
-            )
-            .await
-            .map_err(db_error)?;
-        let Some(row) = row else { return Ok(None) };
-        let endpoint: String = row.get(0);
-        Ok(Some(StoredPortal {
-            member_id: member_id.to_string(),
-            endpoint: self.rest.endpoint(&endpoint)?,
-            access_token: Secret::new(row.get::<_, Option<String>>(1).unwrap_or_default()),
-            refresh_token: Secret::new(row.get::<_, Option<String>>(2).unwrap_or_default()),
-            status: row.get(3),
-        }))
+    pub fn cipher(&self) -> &TokenCipher {
+        &self.cipher
     }
 
-    async fn usable_portal(&self, member_id: &str) -> Result<StoredPortal, B24Error> {
-        let portal = self.load_portal(member_id).await?.ok_or_else(|| {
-            B24Error::ours(
-                ErrorClass::Permanent,
-                "UNKNOWN_PORTAL",
-                "portal is not installed",
+    pub fn pool(&self) -> &DbPool {
+        &self.pool
+    }
+
+    /// The application's OAuth credentials, or why there are none.
+    pub fn oauth(&self) -> Result<&OAuthApp, B24Error> {
+        self.oauth.as_ref().ok_or_else(|| {
+            B24Error::held(
+                "NO_CLIENT_CREDENTIALS",
+                "B24_CLIENT_ID and B24_CLIENT_SECRET are needed to verify and refresh tokens",
+                HOLD,
             )
-        })?;
-        match portal.status.as_str() {
-            "installed" if !portal.access_token.is_empty() => Ok(portal),
-            "needs_reinstall" => Err(B24Error::ours(
-                ErrorClass::Permanent,
-                "NEEDS_REINSTALL",
-                "portal's refresh token was refused; the app must be reinstalled",
-            )),
-            "deleted" => Err(B24Error::ours(
-                ErrorClass::PortalGone,
-                "PORTAL_DELETED",
-                "portal was deleted",
-            )),
-            _ => Err(B24Error::ours(
+        })
+    }
+
+    /// Refreshes `refresh_token` at the authorization server for `server_endpoint`.
+    /// The caller owns the outcome: an installation's proof, or [`Self::refresh`].
+    pub async fn refresh_at(
+        &self,
+        server_endpoint: Option<&str>,
+        refresh_token: &Secret,
+    ) -> Result<TokenPair, B24Error> {
+        let app = self.oauth()?;
+        let url = app.token_url(server_endpoint, self.rest.allowed_hosts())?;
+        oauth::refresh(self.rest.http(), app, &url, refresh_token).await
+    }
+
+    /// The portal's stored state as a callable session, or why it cannot be called.
+    pub async fn session(&self, member_id: &MemberId) -> Result<Session, B24Error> {
+        let client = self.pool.get().await.map_err(db_error)?;
+        let portal = portals::find(&client, member_id)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| {
+                B24Error::ours(
+                    ErrorClass::Permanent,
+                    "UNKNOWN_PORTAL",
+                    "portal is not installed",
+                )
+            })?;
+        drop(client);
+        self.session_of(&portal).await
+    }
+
+    /// Like [`Self::session`], but a portal held for payment may be called.
+    async fn session_for_check(&self, member_id: &MemberId) -> Result<Session, B24Error> {
+        let client = self.pool.get().await.map_err(db_error)?;
+        let mut portal = portals::find(&client, member_id)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| {
+                B24Error::ours(
+                    ErrorClass::Permanent,
+                    "UNKNOWN_PORTAL",
+                    "portal is not installed",
+                )
+            })?;
+        drop(client);
+        if portal.status == PortalStatus::PaymentRequired {
+            portal.status = PortalStatus::Installed;
+        }
+        self.session_of(&portal).await
+    }
+
+    async fn session_of(&self, portal: &Portal) -> Result<Session, B24Error> {
+        callable(portal)?;
+        let access = portal.access_token.as_ref().ok_or_else(|| {
+            B24Error::ours(
                 ErrorClass::Permanent,
                 "NOT_INSTALLED",
                 "portal has no tokens (uninstalled)",
-            )),
-        }
+            )
+        })?;
+        let access = self
+            .cipher
+            .open(&portal.member_id, access)
+            .map_err(|e| B24Error::held("TOKEN_KEY", e.to_string(), HOLD))?
+            .secret();
+        Ok(Session {
+            member_id: portal.member_id.clone(),
+            endpoint: self.rest.endpoint(&portal.client_endpoint)?,
+            access_token: access,
+            gone: portal.gone_since.is_some(),
+        })
     }
 
-    /// Calls `method` for the portal `member_id`: waits for the shared budget, retries
-    /// transient failures with backoff, refreshes tokens once on a 401.
+    /// Calls `method` for the portal: waits for the shared budget (or hands the message
+    /// back when the wait would be long), retries transient failures with backoff,
+    /// refreshes tokens on 401, and turns the portal's lifecycle answers into waiting.
     pub async fn call(
         &self,
-        member_id: &str,
+        member_id: &MemberId,
         auth: &Auth,
         method: &str,
         params: &Value,
     ) -> Result<Answer, B24Error> {
         self.check_method_pause(member_id, method).await?;
         let mut retry = Retry::new(self.policy);
-        let mut stored = match auth {
-            Auth::Stored => Some(self.usable_portal(member_id).await?),
-            Auth::Given { .. } => None,
+        let mut session = match auth {
+            Auth::Stored => Some(self.session(member_id).await?),
+            Auth::StoredPaymentCheck => Some(self.session_for_check(member_id).await?),
+            Auth::User { .. } => None,
         };
-        let mut refreshed = false;
+        let mut refreshes = 0;
         let mut reread = false;
         loop {
-            let (endpoint, token) = match (&stored, auth) {
-                (Some(p), _) => (p.endpoint.clone(), p.access_token.clone()),
-                (None, Auth::Given { endpoint, token }) => (endpoint.clone(), token.clone()),
-                (None, Auth::Stored) => unreachable!("stored portal loaded above"),
+            let (endpoint, token) = match (&session, auth) {
+                (Some(s), _) => (&s.endpoint, &s.access_token),
+                (None, Auth::User { endpoint, token }) => (endpoint, token),
+                (None, Auth::Stored | Auth::StoredPaymentCheck) => {
+                    unreachable!("a stored call has its session")
+                }
             };
-            let waited = self.limiter.acquire(member_id).await.map_err(db_error)?;
-            self.rest
-                .metrics()
-                .limiter_wait
-                .observe(waited.as_secs_f64());
-            let err = match self.rest.call(&endpoint, &token, method, params).await {
+            self.wait_for_budget(member_id).await?;
+            let err = match self.rest.call(endpoint, token, method, params).await {
                 Ok(answer) => {
-                    if let (Some(new), Some(_)) = (&answer.moved_to, &stored) {
-                        self.store_endpoint(member_id, new).await?;
+                    if let Some(s) = &session {
+                        self.after_success(s, &answer).await;
                     }
                     if let Some(time) = &answer.time {
                         self.record_operating(member_id, method, time).await;
@@ -174,196 +246,304 @@ impl Bitrix {
             };
             let metrics = self.rest.metrics();
             match err.class {
-                ErrorClass::NeedsRefresh => {
-                    metrics.limit_hits.with_label_values(&["expired"]).inc();
-                    let Some(current) = &stored else {
-                        return Err(err);
-                    };
-                    if refreshed {
-                        return Err(err);
-                    }
-                    refreshed = true;
-                    stored = Some(self.refresh(current).await?);
-                }
-                ErrorClass::Permanent
-                    if err.code == "NO_AUTH_FOUND" && !reread && stored.is_some() =>
+                ErrorClass::NeedsRefresh | ErrorClass::Permanent
+                    if session.is_some()
+                        && (err.class == ErrorClass::NeedsRefresh
+                            || (err.code == "NO_AUTH_FOUND" && !reread)) =>
                 {
-                    // Another replica may have replaced the pair; look once more.
-                    reread = true;
-                    let fresh = self.usable_portal(member_id).await?;
-                    let same = stored
-                        .as_ref()
-                        .is_some_and(|s| fresh.access_token.ct_eq(s.access_token.expose()));
-                    if same {
-                        return Err(err);
+                    metrics.limit_hits.with_label_values(&["expired"]).inc();
+                    if err.code == "NO_AUTH_FOUND" {
+                        reread = true;
                     }
-                    stored = Some(fresh);
+                    if refreshes >= MAX_REFRESHES_PER_CALL {
+                        return Err(B24Error::transient(
+                            &err.code,
+                            "tokens kept expiring during the call; retrying later",
+                        ));
+                    }
+                    refreshes += 1;
+                    let failed = session
+                        .as_ref()
+                        .map(|s| s.access_token.clone())
+                        .unwrap_or_default();
+                    session = Some(self.refresh(member_id, &failed).await?);
                 }
                 ErrorClass::RateLimited => {
                     metrics.limit_hits.with_label_values(&["query_limit"]).inc();
                     let delay = retry.next_delay().ok_or_else(|| err.clone())?;
                     self.limiter
-                        .push_back(member_id, delay)
+                        .limit_hit(member_id, delay)
                         .await
                         .map_err(db_error)?;
-                    tracing::warn!(
-                        member_id,
-                        method,
-                        ?delay,
-                        "QUERY_LIMIT_EXCEEDED; backing off"
-                    );
+                    tracing::warn!(%member_id, method, ?delay, "QUERY_LIMIT_EXCEEDED; slowing the portal down");
                 }
                 ErrorClass::MethodPaused => {
                     metrics.limit_hits.with_label_values(&["time_limit"]).inc();
-                    let pause = err.retry_after.unwrap_or(Duration::from_secs(60));
-                    self.pause_method(member_id, method, pause).await;
+                    let pause = self.pause_method(member_id, method).await;
                     let mut err = err;
                     err.retry_after = Some(pause);
                     return Err(err);
                 }
                 ErrorClass::Transient => {
                     let delay = retry.next_delay().ok_or_else(|| err.clone())?;
-                    tracing::info!(member_id, method, code = %err.code, ?delay, "transient failure; retrying");
+                    tracing::info!(%member_id, method, code = %err.code, ?delay, "transient failure; retrying");
                     tokio::time::sleep(delay).await;
                 }
-                ErrorClass::PortalGone => {
-                    self.set_status(member_id, "deleted").await;
-                    return Err(err);
+                ErrorClass::PaymentRequired if session.is_some() => {
+                    let held = self.payment_required(member_id).await;
+                    return Err(match auth {
+                        Auth::StoredPaymentCheck => err,
+                        _ => held,
+                    });
                 }
-                ErrorClass::Permanent | ErrorClass::NotRetryable => return Err(err),
+                ErrorClass::PortalGone if session.is_some() => {
+                    return Err(self.portal_gone(member_id).await);
+                }
+                _ => return Err(err),
             }
         }
     }
 
-    async fn store_endpoint(&self, member_id: &str, endpoint: &Url) -> Result<(), B24Error> {
-        let client = self.pool.get().await.map_err(db_error)?;
-        client
-            .execute(
-                "UPDATE portals SET client_endpoint = $2, updated_at = now() WHERE member_id = $1",
-                &[&member_id, &endpoint.as_str()],
-            )
-            .await
-            .map_err(db_error)?;
-        Ok(())
+    /// Waits for a slot of the portal's budget, or hands the message back when the
+    /// budget is saturated for longer than the configured wait.
+    async fn wait_for_budget(&self, member_id: &MemberId) -> Result<(), B24Error> {
+        let slot = self.limiter.acquire(member_id).await.map_err(db_error)?;
+        let metrics = self.rest.metrics();
+        match slot {
+            Slot::After(waited) => {
+                metrics.limiter_wait.observe(waited.as_secs_f64());
+                Ok(())
+            }
+            Slot::Saturated(wait) => {
+                metrics.limit_hits.with_label_values(&["saturated"]).inc();
+                Err(B24Error::held(
+                    "BUDGET_SATURATED",
+                    format!(
+                        "the portal's budget is taken for {:.1} s",
+                        wait.as_secs_f64()
+                    ),
+                    wait,
+                ))
+            }
+        }
     }
 
-    async fn set_status(&self, member_id: &str, status: &str) {
+    /// A call of a stored session went through: follow a move, forget a closure.
+    async fn after_success(&self, s: &Session, answer: &Answer) {
+        let Ok(client) = self.pool.get().await else {
+            return;
+        };
+        if let Some(new) = &answer.moved_to {
+            if let Some(domain) = domain_of(new) {
+                match portals::moved(&client, &s.member_id, new.as_str(), &domain).await {
+                    Ok(true) => {
+                        tracing::info!(member_id = %s.member_id, %domain, "portal moved; endpoint and domain updated")
+                    }
+                    Ok(false) => tracing::error!(
+                        member_id = %s.member_id, %domain,
+                        "portal moved to a domain another live portal holds; not recorded"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "could not record the portal's move"),
+                }
+            }
+        }
+        if s.gone {
+            let _ = portals::clear_gone(&client, &s.member_id).await;
+        }
+    }
+
+    /// `PAYMENT_REQUIRED`: the portal's events wait, without calls, until it is paid.
+    async fn payment_required(&self, member_id: &MemberId) -> B24Error {
         if let Ok(client) = self.pool.get().await {
-            let _ = client
-                .execute(
-                    "UPDATE portals SET status = $2, updated_at = now() WHERE member_id = $1",
-                    &[&member_id, &status],
+            if let Err(e) =
+                portals::set_status(&client, member_id, PortalStatus::PaymentRequired).await
+            {
+                tracing::warn!(error = %e, "could not mark the portal payment_required");
+            }
+        }
+        tracing::warn!(%member_id, "PAYMENT_REQUIRED: holding the portal's events until it is paid");
+        B24Error::held(
+            "PAYMENT_REQUIRED",
+            "the application is not paid for on this portal",
+            HOLD,
+        )
+    }
+
+    /// `PORTAL_DELETED`: self-hosted portals answer it while closed for a while, so the
+    /// portal is marked deleted only when it keeps answering so beyond the grace.
+    async fn portal_gone(&self, member_id: &MemberId) -> B24Error {
+        let since = match self.pool.get().await {
+            Ok(client) => portals::note_gone(&client, member_id).await.ok(),
+            Err(_) => None,
+        };
+        match since {
+            Some(since) if since >= self.deleted_grace => {
+                if let Ok(client) = self.pool.get().await {
+                    let _ = portals::set_status(&client, member_id, PortalStatus::Deleted).await;
+                    let _ = portals::audit(
+                        &client,
+                        member_id,
+                        "deleted",
+                        serde_json::json!({"gone_for_s": since.as_secs()}),
+                    )
+                    .await;
+                }
+                tracing::error!(%member_id, ?since, "PORTAL_DELETED beyond the grace period; portal marked deleted");
+                B24Error::ours(
+                    ErrorClass::PortalGone,
+                    "PORTAL_DELETED",
+                    "portal was deleted",
                 )
-                .await;
+            }
+            since => {
+                let left = since
+                    .map(|s| self.deleted_grace.saturating_sub(s))
+                    .unwrap_or(HOLD);
+                B24Error::held(
+                    "PORTAL_DELETED",
+                    "portal answers PORTAL_DELETED; waiting in case it reopens",
+                    left.min(HOLD).max(Duration::from_secs(5)),
+                )
+            }
         }
     }
 
     /// Single-flight refresh: lock the portal row, re-read, and refresh only if the
     /// stored token is still the one that failed.
-    async fn refresh(&self, failed: &StoredPortal) -> Result<StoredPortal, B24Error> {
+    async fn refresh(&self, member_id: &MemberId, failed: &Secret) -> Result<Session, B24Error> {
         let metrics = self.rest.metrics().refreshes.clone();
-        let Some(app) = &self.oauth else {
-            metrics.with_label_values(&["failed"]).inc();
-            return Err(B24Error::ours(
-                ErrorClass::Permanent,
-                "NO_CLIENT_CREDENTIALS",
-                "B24_CLIENT_ID and B24_CLIENT_SECRET are needed to refresh tokens",
-            ));
+        let outcome = self.refresh_locked(member_id, failed).await;
+        let label = match &outcome {
+            Ok((_, true)) => "refreshed",
+            Ok((_, false)) => "reused",
+            Err(e) if e.code == "invalid_grant" => "invalid_grant",
+            Err(_) => "failed",
         };
+        metrics.with_label_values(&[label]).inc();
+        outcome.map(|(s, _)| s)
+    }
+
+    /// The session after the refresh, and whether this call refreshed (false: another
+    /// replica had).
+    async fn refresh_locked(
+        &self,
+        member_id: &MemberId,
+        failed: &Secret,
+    ) -> Result<(Session, bool), B24Error> {
+        let app = self.oauth()?;
         let mut client = self.pool.get().await.map_err(db_error)?;
         let tx = client.transaction().await.map_err(db_error)?;
-        let row = tx
-            .query_opt(
-                "SELECT access_token, refresh_token, client_endpoint, status
-                   FROM portals WHERE member_id = $1 FOR UPDATE",
-                &[&failed.member_id],
-            )
+        let portal = portals::lock(&tx, member_id)
             .await
             .map_err(db_error)?
             .ok_or_else(|| {
                 B24Error::ours(ErrorClass::Permanent, "UNKNOWN_PORTAL", "portal vanished")
             })?;
-        let access = Secret::new(row.get::<_, Option<String>>(0).unwrap_or_default());
-        let refresh = Secret::new(row.get::<_, Option<String>>(1).unwrap_or_default());
-        let endpoint: String = row.get(2);
-        let status: String = row.get(3);
-        if status != "installed" || refresh.is_empty() {
-            metrics.with_label_values(&["failed"]).inc();
-            return Err(B24Error::ours(
-                ErrorClass::Permanent,
-                "NOT_INSTALLED",
-                "portal has no tokens",
-            ));
-        }
-        if !access.ct_eq(failed.access_token.expose()) {
+        let current = self.session_of(&portal).await?;
+        if !current.access_token.ct_eq(failed.expose()) {
             // Someone refreshed while our call was failing: theirs is the live pair.
             tx.commit().await.map_err(db_error)?;
-            metrics.with_label_values(&["reused"]).inc();
-            return Ok(StoredPortal {
-                access_token: access,
-                refresh_token: refresh,
-                endpoint: self.rest.endpoint(&endpoint)?,
-                ..failed.clone()
-            });
+            return Ok((current, false));
         }
-        match oauth::refresh(self.rest.http(), app, &refresh).await {
-            Ok(pair) => {
-                let new_endpoint = pair
-                    .client_endpoint
-                    .as_deref()
-                    .and_then(|e| self.rest.endpoint(e).ok())
-                    .map(|u| u.to_string())
-                    .unwrap_or(endpoint);
-                let expires_in = pair.expires_in.unwrap_or(3600) as f64;
-                tx.execute(
-                    "UPDATE portals SET access_token = $2, refresh_token = $3,
-                            expires_at = now() + make_interval(secs => $4),
-                            client_endpoint = $5, updated_at = now()
-                      WHERE member_id = $1",
-                    &[
-                        &failed.member_id,
-                        &pair.access_token.expose(),
-                        &pair.refresh_token.expose(),
-                        &expires_in,
-                        &new_endpoint,
-                    ],
+        let refresh = portal
+            .refresh_token
+            .as_ref()
+            .map(|r| self.cipher.open(member_id, r).map(Opened::secret))
+            .transpose()
+            .map_err(|e| B24Error::held("TOKEN_KEY", e.to_string(), HOLD))?
+            .ok_or_else(|| {
+                B24Error::ours(
+                    ErrorClass::Permanent,
+                    "NOT_INSTALLED",
+                    "portal has no tokens",
                 )
-                .await
-                .map_err(db_error)?;
-                tx.commit().await.map_err(db_error)?;
-                metrics.with_label_values(&["refreshed"]).inc();
-                tracing::info!(member_id = %failed.member_id, "refreshed tokens");
-                Ok(StoredPortal {
-                    endpoint: self.rest.endpoint(&new_endpoint)?,
-                    access_token: pair.access_token,
-                    refresh_token: pair.refresh_token,
-                    ..failed.clone()
-                })
-            }
-            Err(e) if e.code == "invalid_grant" => {
-                tx.execute(
-                    "UPDATE portals SET status = 'needs_reinstall', updated_at = now()
-                      WHERE member_id = $1",
-                    &[&failed.member_id],
-                )
-                .await
-                .map_err(db_error)?;
-                tx.commit().await.map_err(db_error)?;
-                metrics.with_label_values(&["invalid_grant"]).inc();
-                tracing::error!(member_id = %failed.member_id, "refresh token refused; portal needs re-install");
-                Err(e)
-            }
+            })?;
+        let url = app.token_url(portal.server_endpoint.as_deref(), self.rest.allowed_hosts())?;
+        let pair = match oauth::refresh(self.rest.http(), app, &url, &refresh).await {
+            Ok(pair) => pair,
             Err(e) => {
-                metrics.with_label_values(&["failed"]).inc();
-                Err(e)
+                let status = match e.class {
+                    _ if e.code == "invalid_grant" => Some(PortalStatus::NeedsReinstall),
+                    ErrorClass::PaymentRequired => Some(PortalStatus::PaymentRequired),
+                    _ => None,
+                };
+                let Some(status) = status else {
+                    // Transient (retried later) or a misconfiguration (invalid_client):
+                    // the portal's events wait rather than die.
+                    if e.class.is_retryable() {
+                        return Err(e);
+                    }
+                    tracing::error!(%member_id, code = %e.code, "token refresh refused; check B24_CLIENT_ID/B24_CLIENT_SECRET");
+                    return Err(B24Error::held(&e.code, e.description, HOLD));
+                };
+                portals::set_status(&tx, member_id, status)
+                    .await
+                    .map_err(db_error)?;
+                portals::audit(
+                    &tx,
+                    member_id,
+                    "refresh_refused",
+                    serde_json::json!({"code": e.code, "status": status.as_str()}),
+                )
+                .await
+                .map_err(db_error)?;
+                tx.commit().await.map_err(db_error)?;
+                tracing::error!(%member_id, code = %e.code, %status, "refresh refused; holding the portal's events");
+                return Err(B24Error::held(&e.code, e.description, HOLD));
             }
-        }
+        };
+        pair.check_member(member_id)?;
+        // The authorization server's word on where the portal lives now.
+        let moved = pair
+            .client_endpoint
+            .as_deref()
+            .and_then(|e| self.rest.endpoint(e).ok())
+            .filter(|u| *u != current.endpoint)
+            .and_then(|u| domain_of(&u).map(|d| (u.to_string(), d)));
+        portals::store_tokens(
+            &tx,
+            member_id,
+            &self.cipher.seal(member_id, &pair.access_token),
+            &self.cipher.seal(member_id, &pair.refresh_token),
+            pair.expires_in.unwrap_or(3600),
+            moved.as_ref().map(|(e, d)| (e.as_str(), d.as_str())),
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        tracing::info!(%member_id, "refreshed tokens");
+        let endpoint = match &moved {
+            Some((e, _)) => self.rest.endpoint(e)?,
+            None => current.endpoint,
+        };
+        Ok((
+            Session {
+                member_id: member_id.clone(),
+                endpoint,
+                access_token: pair.access_token,
+                gone: current.gone,
+            },
+            true,
+        ))
+    }
+
+    /// Refreshes a portal's pair now, whether or not a call failed (a quiet portal's
+    /// refresh token must not reach its 180 days).
+    pub async fn refresh_now(&self, member_id: &MemberId) -> Result<(), B24Error> {
+        let current = self.session(member_id).await?;
+        self.refresh(member_id, &current.access_token)
+            .await
+            .map(|_| ())
     }
 
     /// Refuses a call to a method that is paused for this portal (after a 429), and
     /// slows calls to a method that has used more than 80% of its execution-time
     /// budget in the current window, so the 429 comes late or not at all.
-    pub async fn check_method_pause(&self, member_id: &str, method: &str) -> Result<(), B24Error> {
+    pub async fn check_method_pause(
+        &self,
+        member_id: &MemberId,
+        method: &str,
+    ) -> Result<(), B24Error> {
         let client = self.pool.get().await.map_err(db_error)?;
         let row = client
             .query_opt(
@@ -371,7 +551,7 @@ impl Bitrix {
                         CASE WHEN operating_reset_at > now() THEN operating ELSE 0 END
                    FROM method_budgets
                   WHERE member_id = $1 AND method = $2",
-                &[&member_id, &method],
+                &[member_id, &method],
             )
             .await
             .map_err(db_error)?;
@@ -389,53 +569,88 @@ impl Bitrix {
         }
         let operating: f64 = row.get(1);
         if let Some(delay) = slowdown(operating) {
-            tracing::debug!(
-                member_id,
-                method,
-                operating,
-                ?delay,
-                "method near its time budget; slowing down"
-            );
+            tracing::debug!(%member_id, method, operating, ?delay, "method near its time budget; slowing down");
             tokio::time::sleep(delay).await;
         }
         Ok(())
     }
 
-    pub async fn pause_method(&self, member_id: &str, method: &str, pause: Duration) {
-        if let Ok(client) = self.pool.get().await {
-            let _ = client
-                .execute(
+    /// After 429 `OPERATION_TIME_LIMIT`: the method is paused for the portal until its
+    /// budget resets (`operating_reset_at`, when Bitrix24 told us one), or for a minute.
+    /// Returns the pause.
+    pub async fn pause_method(&self, member_id: &MemberId, method: &str) -> Duration {
+        let paused = match self.pool.get().await {
+            Ok(client) => client
+                .query_one(
                     "INSERT INTO method_budgets (member_id, method, paused_until)
                      VALUES ($1, $2, now() + make_interval(secs => $3))
-                     ON CONFLICT (member_id, method)
-                     DO UPDATE SET paused_until = EXCLUDED.paused_until",
-                    &[&member_id, &method, &pause.as_secs_f64()],
+                     ON CONFLICT (member_id, method) DO UPDATE SET paused_until =
+                         CASE WHEN method_budgets.operating_reset_at > now()
+                              THEN method_budgets.operating_reset_at
+                              ELSE EXCLUDED.paused_until END
+                     RETURNING extract(epoch FROM paused_until - now())::float8",
+                    &[member_id, &method, &DEFAULT_METHOD_PAUSE.as_secs_f64()],
                 )
-                .await;
-        }
+                .await
+                .ok()
+                .map(|r| r.get::<_, f64>(0)),
+            Err(_) => None,
+        };
+        paused
+            .map(|s| Duration::from_secs_f64(s.max(1.0)))
+            .unwrap_or(DEFAULT_METHOD_PAUSE)
     }
 
     /// Keeps Bitrix24's `time.operating` for the method, so calls slow down before
     /// the method's execution-time budget is spent (see `check_method_pause`).
-    /// `time` is an answer's `time` block, or a batch command's `result_time` entry.
-    pub async fn record_operating(&self, member_id: &str, method: &str, time: &Value) {
+    /// `time` is an answer's `time` block, or a batch command's `result_time` entry;
+    /// either field may be missing (the docs' batch example has neither).
+    pub async fn record_operating(&self, member_id: &MemberId, method: &str, time: &Value) {
         let operating = time.get("operating").and_then(Value::as_f64);
         let reset = time.get("operating_reset_at").and_then(Value::as_f64);
-        let (Some(operating), Some(reset)) = (operating, reset) else {
+        if operating.is_none() && reset.is_none() {
             return;
-        };
+        }
         if let Ok(client) = self.pool.get().await {
             let _ = client
                 .execute(
                     "INSERT INTO method_budgets (member_id, method, operating, operating_reset_at)
-                     VALUES ($1, $2, $3, to_timestamp($4))
+                     VALUES ($1, $2, coalesce($3, 0), to_timestamp($4))
                      ON CONFLICT (member_id, method)
-                     DO UPDATE SET operating = EXCLUDED.operating,
-                                   operating_reset_at = EXCLUDED.operating_reset_at",
-                    &[&member_id, &method, &operating, &reset],
+                     DO UPDATE SET operating = coalesce($3, method_budgets.operating),
+                                   operating_reset_at =
+                                       coalesce(to_timestamp($4), method_budgets.operating_reset_at)",
+                    &[member_id, &method, &operating, &reset],
                 )
                 .await;
         }
+    }
+}
+
+/// Why a stored portal cannot be called now, if it cannot.
+pub fn callable(portal: &Portal) -> Result<(), B24Error> {
+    match portal.status {
+        PortalStatus::Installed => Ok(()),
+        PortalStatus::PaymentRequired => Err(B24Error::held(
+            "PAYMENT_REQUIRED",
+            "the application is not paid for on this portal",
+            HOLD,
+        )),
+        PortalStatus::NeedsReinstall => Err(B24Error::held(
+            "NEEDS_REINSTALL",
+            "the portal's refresh token was refused; the app must be reinstalled",
+            HOLD,
+        )),
+        PortalStatus::Deleted => Err(B24Error::ours(
+            ErrorClass::PortalGone,
+            "PORTAL_DELETED",
+            "portal was deleted",
+        )),
+        PortalStatus::Uninstalled => Err(B24Error::ours(
+            ErrorClass::Permanent,
+            "NOT_INSTALLED",
+            "portal has no tokens (uninstalled)",
+        )),
     }
 }
 
