@@ -71,6 +71,26 @@ pub async fn lost_of(queue: &str, acked: &[String]) -> anyhow::Result<Vec<String
         .collect())
 }
 
+/// Publishes raw bytes to `exchange` with a confirm (a poison message, say).
+pub async fn publish_raw(exchange: &str, routing_key: &str, body: &[u8]) -> anyhow::Result<()> {
+    let conn = connect().await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(Default::default()).await?;
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            Default::default(),
+            body,
+            Default::default(),
+        )
+        .await?
+        .await?;
+    anyhow::ensure!(confirm.is_ack(), "broker did not confirm");
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
 /// Deletes a test's queues and exchange.
 pub async fn delete_topology(prefix: &str) -> anyhow::Result<()> {
     let topo = Topology::new(prefix);

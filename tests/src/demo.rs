@@ -3,7 +3,7 @@
 //! `cargo run -p b24-tests --bin demo` prints what landed where.
 
 use crate::fixtures;
-use crate::pipeline::{Pipeline, SEED_MEMBER};
+use crate::pipeline::Pipeline;
 use serde_json::Value;
 use std::fmt::Write;
 use std::time::Duration;
@@ -27,15 +27,16 @@ pub async fn run() -> (Pipeline, Report) {
     p.install_seed_portal().await;
     p.portal
         .set_app_info(serde_json::json!({"STATUS": "P", "PAYMENT_EXPIRED": "N", "DAYS": 28}));
+    // The seeds as this portal sends them: its domain, its application_token, and
+    // widgets opened by its administrator with their own tokens (the documentation's
+    // tokens prove nothing to any portal).
     let mut sent = vec![
-        ("/events", fixtures::deal_recurring_expose()),
-        ("/events", fixtures::requisite_add()),
-        ("/events", fixtures::app_payment()),
+        ("/events", p.seed(&fixtures::deal_recurring_expose())),
+        ("/events", p.seed(&fixtures::requisite_add())),
+        ("/events", p.seed(&fixtures::app_payment())),
     ];
-    // The widget seeds come from other accounts; here they are this portal's widgets.
-    for mut call in fixtures::placements() {
-        call["member_id"] = Value::String(SEED_MEMBER.into());
-        sent.push(("/placement", call));
+    for call in fixtures::placements() {
+        sent.push(("/placement", p.seed(&call)));
     }
     for (path, payload) in &sent {
         p.post(path, payload).await;

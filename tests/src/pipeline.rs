@@ -15,6 +15,10 @@ pub const SEED_MEMBER: &str = "a223c6b3710f85df22e9377d6c4f7553";
 pub const SEED_DOMAIN: &str = "some-domain.bitrix24.com";
 pub const SEED_APP_TOKEN: &str = "51856fefc120afa4b628cc82d3935cce";
 
+/// The key test workers seal tokens with (`B24_TOKEN_KEY`); [`Pipeline::stored_tokens`]
+/// opens them.
+pub const TEST_TOKEN_KEY: &str = "dGVzdC1rZXktdGVzdC1rZXktdGVzdC1rZXktdGVzdC0=";
+
 pub fn pg_base() -> String {
     std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
@@ -142,15 +146,15 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Starts the ingress, a portal whose member_id and domain are the seeds', and
-    /// `workers` worker instances.
+    /// Starts the ingress, a portal whose member_id is the seeds' (its domain is its own
+    /// address, the host of its `client_endpoint`, as on Bitrix24), and `workers` worker
+    /// instances.
     pub async fn start(tag: &str, workers: usize, overrides: &[(&str, &str)]) -> Self {
         Self::start_with(
             tag,
             workers,
             PortalConfig {
                 member_id: SEED_MEMBER.into(),
-                domain: SEED_DOMAIN.into(),
                 ..PortalConfig::default()
             },
             overrides,
@@ -178,6 +182,10 @@ impl Pipeline {
             ("B24_OAUTH_URL".into(), portal.oauth_url()),
             ("B24_ALLOWED_HOSTS".into(), "http://127.0.0.1:*".into()),
             ("WORKER_SHUTDOWN_GRACE_MS".into(), "5000".into()),
+            ("B24_TOKEN_KEY".into(), TEST_TOKEN_KEY.into()),
+            // Offline events are collected only by the tests about them, so the others
+            // see exactly the calls their events cause.
+            ("WORKER_RECONCILE_INTERVAL_S".into(), "0".into()),
             // Tests run side by side against one server with max_connections 100.
             ("WORKER_DB_POOL".into(), "3".into()),
         ]);
@@ -302,7 +310,36 @@ impl Pipeline {
     }
 
     pub async fn install_seed_portal(&self) {
-        self.install(SEED_MEMBER, SEED_DOMAIN).await;
+        self.install(SEED_MEMBER, &self.portal.domain()).await;
+    }
+
+    /// The portal's stored (access, refresh) pair, opened with the test key; `None`s
+    /// when erased.
+    pub async fn stored_tokens(&self, member_id: &str) -> (Option<String>, Option<String>) {
+        let cipher =
+            b24_worker::crypto::TokenCipher::new(&b24_shared::Secret::new(TEST_TOKEN_KEY), None)
+                .expect("test key");
+        let member = b24_shared::event::MemberId::parse(member_id).expect("member_id");
+        let row = self
+            .db_client()
+            .await
+            .query_one(
+                "SELECT access_token, refresh_token FROM portals WHERE member_id = $1",
+                &[&member_id],
+            )
+            .await
+            .expect("the portal has a row");
+        let open = |v: Option<String>| {
+            v.map(|v| {
+                cipher
+                    .open(&member, &b24_shared::portals::Sealed(v))
+                    .expect("sealed with the test key")
+                    .secret()
+                    .expose()
+                    .to_string()
+            })
+        };
+        (open(row.get(0)), open(row.get(1)))
     }
 
     /// Installs as Bitrix24 does: the simulated portal opens the ingress's
@@ -328,13 +365,13 @@ impl Pipeline {
     /// `application_token` and an `ONAPPINSTALL` is `done`; panics after `within`.
     pub async fn wait_installed(&self, within: Duration) {
         let member_id = self.portal.member_id();
-        let token = self.portal.application_token();
+        let token = b24_shared::portals::token_digest(&self.portal.application_token());
         let db = self.db_client().await;
         let ok = eventually(within, || async {
             db.query_opt(
                 "SELECT 1 FROM portals p
                   WHERE p.member_id = $1 AND p.status = 'installed'
-                    AND p.application_token = $2
+                    AND p.application_token_sha256 = $2
                     AND EXISTS (SELECT 1 FROM events e WHERE e.member_id = p.member_id
                                    AND e.event = 'ONAPPINSTALL' AND e.status = 'done')",
                 &[&member_id, &token],
@@ -390,6 +427,37 @@ impl Pipeline {
         p
     }
 
+    /// The sum over this pipeline's workers of a counter, named with its labels as
+    /// Prometheus prints them: `b24_worker_messages_total{event="X",outcome="done"}`.
+    pub async fn worker_counter(&self, series: &str) -> u64 {
+        let mut total = 0;
+        for w in &self.workers {
+            let http = crate::http::HttpClient::new(w.metrics_addr);
+            let Ok(a) = http.get("/metrics").await else {
+                continue;
+            };
+            total += a
+                .body
+                .lines()
+                .filter_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+                .sum::<f64>() as u64;
+        }
+        total
+    }
+
+    /// Waits until the workers counted `n` messages of `event` dropped for failing
+    /// verification with `reason`.
+    pub async fn wait_verification_failures(&self, event: &str, reason: &str, n: u64) -> bool {
+        let series = format!(
+            "b24_worker_verification_failures_total{{event=\"{event}\",reason=\"{reason}\"}}"
+        );
+        eventually(Duration::from_secs(30), || async {
+            (self.worker_counter(&series).await >= n).then_some(())
+        })
+        .await
+        .is_some()
+    }
+
     /// A client of the test database, once the worker has created it.
     pub async fn db_client(&self) -> tokio_postgres::Client {
         let ready = eventually(Duration::from_secs(20), || async {
@@ -399,6 +467,44 @@ impl Pipeline {
         let (client, conn) = ready.expect("test database exists");
         tokio::spawn(conn);
         client
+    }
+
+    /// Waits until `n` events with this code reached `status`; fails the test with what
+    /// the events table holds (status, error code, count) if they do not in time.
+    pub async fn expect_events(&self, event: &str, status: &str, n: i64, within: Duration) {
+        if self.wait_events(event, status, n, within).await {
+            return;
+        }
+        panic!(
+            "expected {n} {event} events `{status}` within {within:?}; the events table holds:\n{}",
+            self.events_summary().await
+        );
+    }
+
+    /// `event status error_code count` lines of the events table, for failure messages.
+    pub async fn events_summary(&self) -> String {
+        let db = self.db_client().await;
+        let rows = db
+            .query(
+                "SELECT event, status, coalesce(error_code, ''), count(*), max(attempts)
+                   FROM events GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                &[],
+            )
+            .await
+            .unwrap_or_default();
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "  {} {} {} x{} (max attempts {})",
+                    r.get::<_, String>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, i64>(3),
+                    r.get::<_, i32>(4)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Waits until `n` events with this code reached `status`.

@@ -680,6 +680,11 @@ impl SimPortal {
             .insert((methods::normalize_method(method), id));
     }
 
+    /// Every entity made missing by [`Self::set_missing`] exists again.
+    pub fn clear_missing(&self) {
+        self.inner.state().missing.clear();
+    }
+
     /// Overrides fields of our application's `app.info` answer (`STATUS`,
     /// `PAYMENT_EXPIRED`, `DAYS`…); `STATUS` also goes into events and refreshes.
     pub fn set_app_info(&self, fields: Value) {

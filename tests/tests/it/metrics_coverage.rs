@@ -42,7 +42,8 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exposed() {
     assert!(wanted.len() >= 10, "found the references: {wanted:?}");
 
     // Traffic that touches every family: accepted and refused requests, batches,
-    // a retry, a dead letter, an expired token and its refresh.
+    // a retry, a dropped forgery, a dead letter (a poison message), an expired token
+    // and its refresh.
     let p = Pipeline::start("metrics", 1, &[("B24_RETRY_ATTEMPTS", "1")]).await;
     p.install_seed_portal().await;
     p.post("/events", &fixtures::deal_recurring_expose()).await;
@@ -60,6 +61,13 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exposed() {
     let mut forged = fixtures::requisite_add_numbered(1);
     forged["auth"]["application_token"] = json!("00000000000000000000000000000000");
     p.publish_unchecked(&forged).await;
+    b24_tests::broker::publish_raw(
+        &p.ingress.topology.exchange(),
+        "event.garbage",
+        b"{\"not\": \"an envelope\"",
+    )
+    .await
+    .unwrap();
     p.portal.fail_next(1, 500, "INTERNAL_SERVER_ERROR");
     p.post("/events", &fixtures::requisite_add_numbered(2))
         .await;

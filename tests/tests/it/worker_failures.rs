@@ -50,41 +50,55 @@ async fn forged_application_token_is_refused_at_the_edge_and_not_queued() {
 }
 
 #[tokio::test]
-async fn forged_application_token_is_dead_lettered_without_a_rest_call() {
+async fn forged_application_token_is_counted_and_dropped_without_a_rest_call() {
     let p = Pipeline::start("w-forged", 1, &[]).await;
     p.install_seed_portal().await;
     p.portal.clear_calls();
     let mut forged = fixtures::requisite_add();
     forged["auth"]["application_token"] = json!("00000000000000000000000000000000");
     p.publish_unchecked(&forged).await;
-    assert!(p.wait_events("ONCRMREQUISITEADD", "dead", 1, WITHIN).await);
-    let (_, code, _) = p.last_event("ONCRMREQUISITEADD").await;
-    assert_eq!(code.as_deref(), Some("APPLICATION_TOKEN_MISMATCH"));
-    assert_eq!(rest_calls(&p), 0, "no REST call for a forged event");
-    let dead = b24_worker::dlq::peek(&amqp(&p), 10).await.unwrap();
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0]["error_code"], "APPLICATION_TOKEN_MISMATCH");
-    let text = dead[0].to_string();
     assert!(
-        !text.contains("s6p6eclrvim6da22ft9ch94ekreb52lv"),
-        "tokens redacted: {text}"
+        p.wait_verification_failures("ONCRMREQUISITEADD", "APPLICATION_TOKEN_MISMATCH", 1)
+            .await
     );
+    assert_eq!(rest_calls(&p), 0, "no REST call for a forged event");
+    // Neither stored nor dead-lettered: forged traffic cannot fill either.
+    assert_eq!(p.event_count_and_attempts("ONCRMREQUISITEADD").await.0, 0);
+    assert!(b24_worker::dlq::peek(&amqp(&p), 10)
+        .await
+        .unwrap()
+        .is_empty());
     p.finish().await;
 }
 
 #[tokio::test]
-async fn unknown_portal_is_dead_lettered_and_replay_returns_it_to_work() {
+async fn an_unknown_portals_event_is_counted_and_dropped() {
     let p = Pipeline::start("w-unknown", 1, &[]).await;
     // The ingress refuses it when the database says the portal is unknown; one that
     // could not ask (database down) passes it on, and the worker must catch it.
     p.publish_unchecked(&fixtures::requisite_add()).await;
-    assert!(p.wait_events("ONCRMREQUISITEADD", "dead", 1, WITHIN).await);
-    let (_, code, _) = p.last_event("ONCRMREQUISITEADD").await;
-    assert_eq!(code.as_deref(), Some("UNKNOWN_PORTAL"));
+    assert!(
+        p.wait_verification_failures("ONCRMREQUISITEADD", "UNKNOWN_PORTAL", 1)
+            .await
+    );
     assert_eq!(rest_calls(&p), 0);
+    assert_eq!(p.event_count_and_attempts("ONCRMREQUISITEADD").await.0, 0);
+    assert!(b24_worker::dlq::peek(&amqp(&p), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    p.finish().await;
+}
 
-    // The operator installs the portal, then replays the dead letter.
+#[tokio::test]
+async fn a_dead_letter_replayed_once_the_cause_is_fixed_is_stored() {
+    let p = Pipeline::start("w-replay", 1, &[]).await;
     p.install_seed_portal().await;
+    p.portal.set_missing("crm.requisite.get", 27);
+    p.post("/events", &fixtures::requisite_add()).await;
+    assert!(p.wait_events("ONCRMREQUISITEADD", "dead", 1, WITHIN).await);
+    // The operator fixes the cause, then replays the dead letter.
+    p.portal.clear_missing();
     let moved = b24_worker::dlq::replay(&amqp(&p), 100).await.unwrap();
     assert_eq!(moved, 1);
     assert!(p.wait_events("ONCRMREQUISITEADD", "done", 1, WITHIN).await);
@@ -261,7 +275,7 @@ async fn uninstall_marks_the_portal_and_erases_its_tokens() {
         "event": "ONAPPUNINSTALL",
         "data": {"LANGUAGE_ID": "en", "CLEAN": "0"},
         "ts": "1741092999",
-        "auth": {"domain": "some-domain.bitrix24.com", "member_id": SEED_MEMBER,
+        "auth": {"domain": p.portal.domain(), "member_id": SEED_MEMBER,
                  "application_token": "51856fefc120afa4b628cc82d3935cce"}
     });
     p.post("/events", &uninstall).await;
@@ -278,11 +292,15 @@ async fn uninstall_marks_the_portal_and_erases_its_tokens() {
     assert_eq!(row.get::<_, String>(0), "uninstalled");
     assert_eq!(row.get::<_, Option<String>>(1), None);
     assert_eq!(row.get::<_, Option<String>>(2), None);
-    // Events after that are refused without calling Bitrix24.
+    // Events after that are refused without calling Bitrix24, and not stored.
     p.portal.clear_calls();
-    p.post("/events", &fixtures::requisite_add()).await;
-    assert!(p.wait_events("ONCRMREQUISITEADD", "dead", 1, WITHIN).await);
+    p.publish_unchecked(&fixtures::requisite_add()).await;
+    assert!(
+        p.wait_verification_failures("ONCRMREQUISITEADD", "APPLICATION_TOKEN_UNKNOWN", 1)
+            .await
+    );
     assert_eq!(rest_calls(&p), 0);
+    assert_eq!(p.event_count_and_attempts("ONCRMREQUISITEADD").await.0, 0);
     p.finish().await;
 }
 

@@ -1,5 +1,5 @@
 use b24_tests::fixtures;
-use b24_tests::pipeline::{Pipeline, SEED_DOMAIN, SEED_MEMBER};
+use b24_tests::pipeline::{Pipeline, SEED_APP_TOKEN, SEED_MEMBER};
 use b24_tests::portal::{CallKind, PortalConfig};
 use serde_json::json;
 use std::time::Duration;
@@ -14,19 +14,28 @@ async fn install_verifies_tokens_stores_the_portal_and_binds_handlers() {
     let row = db
         .query_one(
             "SELECT domain, client_endpoint, access_token IS NOT NULL, refresh_token IS NOT NULL,
-                    application_token, status FROM portals WHERE member_id = $1",
+                    application_token_sha256, status FROM portals WHERE member_id = $1",
             &[&SEED_MEMBER],
         )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, String>(0), "some-domain.bitrix24.com");
+    // The domain is the host of the endpoint the authorization server reported.
+    assert_eq!(row.get::<_, String>(0), p.portal.domain());
     assert_eq!(row.get::<_, String>(1), p.portal.client_endpoint());
     assert!(row.get::<_, bool>(2) && row.get::<_, bool>(3));
-    assert_eq!(row.get::<_, String>(4), "51856fefc120afa4b628cc82d3935cce");
+    assert_eq!(
+        row.get::<_, String>(4),
+        b24_shared::portals::token_digest(SEED_APP_TOKEN)
+    );
     assert_eq!(row.get::<_, String>(5), "installed");
-    // Verified with one authorized call before anything was stored.
-    let first = &p.portal.calls()[0];
-    assert_eq!(first.method, "app.info");
+    // Proved before anything was stored: a refresh with our client credentials at the
+    // portal's authorization server, then user.admin and app.info with the new token.
+    let calls = p.portal.calls();
+    let proof: Vec<&str> = calls.iter().take(3).map(|c| c.method.as_str()).collect();
+    assert_eq!(proof, ["oauth.token", "user.admin", "app.info"]);
+    // The pair stored is the one the refresh returned, not the offered one.
+    let (access, _) = p.stored_tokens(SEED_MEMBER).await;
+    assert_eq!(calls[1].token, access);
     let handler = format!("http://{}/events", p.ingress.addr);
     let bound: Vec<String> = p
         .portal
@@ -40,10 +49,19 @@ async fn install_verifies_tokens_stores_the_portal_and_binds_handlers() {
         "ONCRMREQUISITEADD",
         "ONAPPPAYMENT",
         "ONAPPUNINSTALL",
+        "ONAPPUPDATE",
     ] {
         assert!(bound.iter().any(|b| b == e), "{e} bound: {bound:?}");
     }
-    assert_eq!(p.portal.placement_bindings().len(), 6);
+    // Six CRM types and one per smart-process type (the portal has type 183).
+    let placements: Vec<String> = p
+        .portal
+        .placement_bindings()
+        .iter()
+        .map(|b| b["placement"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(placements.len(), 7, "{placements:?}");
+    assert!(placements.contains(&"CRM_DYNAMIC_183_DETAIL_ACTIVITY".to_string()));
     p.finish().await;
 }
 
@@ -56,7 +74,6 @@ async fn deal_recurring_seed_stores_the_new_deal_and_its_template() {
         1,
         PortalConfig {
             member_id: SEED_MEMBER.into(),
-            domain: SEED_DOMAIN.into(),
             batch_operating: true,
             ..PortalConfig::default()
         },
@@ -162,24 +179,19 @@ async fn payment_without_tokens_uses_the_stored_ones() {
     p.install_seed_portal().await;
     p.portal
         .set_app_info(json!({"STATUS": "P", "PAYMENT_EXPIRED": "N", "DAYS": 28}));
-    let stored_token: String = p
-        .db_client()
-        .await
-        .query_one(
-            "SELECT access_token FROM portals WHERE member_id = $1",
-            &[&SEED_MEMBER],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (stored_token, _) = p.stored_tokens(SEED_MEMBER).await;
+    let stored_token = stored_token.expect("the portal holds tokens");
     p.portal.clear_calls();
-    p.post("/events", &fixtures::app_payment()).await;
+    // The seed names the portal by its domain alone, as Bitrix24 sends it.
+    p.post("/events", &p.seed(&fixtures::app_payment())).await;
     assert!(p.wait_events("ONAPPPAYMENT", "done", 1, WITHIN).await);
     let calls = p.calls_of("app.info");
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].token.as_deref(), Some(stored_token.as_str()));
+    // One row per portal, keyed by the application's own code from app.info, not
+    // by the event's CODE (anyone can send one).
     let app = p
-        .entity(SEED_MEMBER, "app", "bitrix.gds_company")
+        .entity(SEED_MEMBER, "app", &p.portal.client_id())
         .await
         .expect("app stored");
     assert_eq!(app["STATUS"], "P");
@@ -206,20 +218,21 @@ async fn every_placement_seed_fetches_its_crm_item() {
         1,
         PortalConfig {
             member_id: member.into(),
-            domain: "xxx.bitrix24.com".into(),
             ..PortalConfig::default()
         },
         &[],
     )
     .await;
-    p.install(member, "xxx.bitrix24.com").await;
+    p.install(member, &p.portal.domain()).await;
     let seeds: Vec<_> = fixtures::placements()
         .into_iter()
         .filter(|s| s["member_id"] == member)
         .collect();
     assert_eq!(seeds.len(), 6);
+    // Each opened by the portal's administrator, with their own tokens: the worker
+    // fetches as that user and never with the portal's.
     for s in &seeds {
-        p.post("/placement", s).await;
+        p.post("/placement", &p.seed(s)).await;
     }
     assert!(p.wait_placements(6).await);
     for (type_id, id) in [

@@ -316,13 +316,15 @@ impl Bitrix {
             }
             Slot::Saturated(wait) => {
                 metrics.limit_hits.with_label_values(&["saturated"]).inc();
+                // Back after the shortest delay, not after `wait`: each held message
+                // computed its wait alone, and they all come back together.
                 Err(B24Error::held(
                     "BUDGET_SATURATED",
                     format!(
                         "the portal's budget is taken for {:.1} s",
                         wait.as_secs_f64()
                     ),
-                    wait,
+                    wait.min(b24_shared::amqp::RETRY_DELAYS[0]),
                 ))
             }
         }
@@ -615,11 +617,11 @@ impl Bitrix {
             let _ = client
                 .execute(
                     "INSERT INTO method_budgets (member_id, method, operating, operating_reset_at)
-                     VALUES ($1, $2, coalesce($3, 0), to_timestamp($4))
+                     VALUES ($1, $2, coalesce($3::float8, 0), to_timestamp($4::float8))
                      ON CONFLICT (member_id, method)
-                     DO UPDATE SET operating = coalesce($3, method_budgets.operating),
-                                   operating_reset_at =
-                                       coalesce(to_timestamp($4), method_budgets.operating_reset_at)",
+                     DO UPDATE SET operating = coalesce($3::float8, method_budgets.operating),
+                                   operating_reset_at = coalesce(to_timestamp($4::float8),
+                                                                 method_budgets.operating_reset_at)",
                     &[member_id, &method, &operating, &reset],
                 )
                 .await;

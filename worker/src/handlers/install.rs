@@ -85,7 +85,7 @@ pub async fn run(bitrix: &Bitrix, settings: &Settings<'_>, claim: Claim) -> Resu
     let claimed_endpoint = bitrix
         .rest
         .endpoint(&claim.client_endpoint)
-        .map_err(|e| refused("INSTALL_NOT_PROVEN", e.to_string()))?;
+        .map_err(|e| refused(&e.code, e.to_string()))?;
     let stored = {
         let client = bitrix.pool().get().await?;
         portals::find(&client, &member_id).await?
