@@ -1,27 +1,27 @@
 //! What the edge does with each kind of message before publishing it: which check of
-//! its portal applies, and which OAuth tokens the queued copy keeps. The one list, by
-//! event code; it is meant to move onto the shared list of known events.
+//! its portal applies, and which OAuth tokens the queued copy keeps, read off the
+//! shared list of known events ([`KnownEvent`]).
 //! What a newcomer gets wrong: a token that is queued is a token at rest in the broker
 //! (and in every dead letter), so a message keeps only the tokens its handler uses.
 
+use b24_shared::event::KnownEvent;
 use b24_shared::EnvelopeKind;
 use serde_json::Value;
 
-/// Events whose OAuth tokens the worker needs: it proves an installation with them.
-/// Every other event loses `auth[access_token]` and `auth[refresh_token]`: the worker
-/// calls Bitrix24 with the portal's stored tokens.
-pub const KEEP_OAUTH_TOKENS: &[&str] = &["ONAPPINSTALL", "ONAPPUPDATE"];
+/// Events whose OAuth tokens the worker needs ([`KnownEvent::needs_event_tokens`]: it
+/// proves an installation with them). Every other event loses `auth[access_token]` and
+/// `auth[refresh_token]`: the worker calls Bitrix24 with the portal's stored tokens.
+fn keeps_oauth_tokens(event: &str) -> bool {
+    KnownEvent::from_code(event).is_some_and(KnownEvent::needs_event_tokens)
+}
 
-/// Events passed on without checking their portal at the edge.
-const UNCHECKED_EVENTS: &[&str] = &[
-    // An installation brings a new portal or a new token: the worker proves it with
-    // Bitrix24 before anything is stored.
-    "ONAPPINSTALL",
-    "ONAPPUPDATE",
-    // No token, and maybe no member_id (it names its portal by domain): the worker
-    // finds the portal and asks app.info itself.
-    "ONAPPPAYMENT",
-];
+/// Events passed on without checking their portal at the edge: an installation brings
+/// a new portal or a new token (the worker proves it with Bitrix24 before anything is
+/// stored), and `ONAPPPAYMENT` has no token and maybe no member_id (the worker finds
+/// the portal by domain and asks app.info itself).
+fn unchecked(event: &str) -> bool {
+    KnownEvent::from_code(event).is_some_and(|k| k.needs_event_tokens() || k.unauthenticated())
+}
 
 /// How the portal a message claims is checked before it is published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +39,9 @@ pub fn portal_check(kind: EnvelopeKind, event: &str) -> PortalCheck {
     match kind {
         EnvelopeKind::Install => PortalCheck::None,
         EnvelopeKind::Placement => PortalCheck::Installed,
-        EnvelopeKind::Event if UNCHECKED_EVENTS.contains(&event) => PortalCheck::None,
-        EnvelopeKind::Event => PortalCheck::Token,
+        EnvelopeKind::Event if unchecked(event) => PortalCheck::None,
+        // The ingress never publishes offline records (the worker's reconciler does).
+        EnvelopeKind::Event | EnvelopeKind::Offline => PortalCheck::Token,
     }
 }
 
@@ -56,8 +57,8 @@ pub fn strip_tokens(kind: EnvelopeKind, event: &str, payload: &mut Value) {
                 call.remove("REFRESH_ID");
             }
         }
-        EnvelopeKind::Event if KEEP_OAUTH_TOKENS.contains(&event) => {}
-        EnvelopeKind::Event => {
+        EnvelopeKind::Event if keeps_oauth_tokens(event) => {}
+        EnvelopeKind::Event | EnvelopeKind::Offline => {
             if let Some(auth) = payload.get_mut("auth").and_then(Value::as_object_mut) {
                 auth.remove("access_token");
                 auth.remove("refresh_token");
@@ -77,7 +78,7 @@ mod tests {
             json!({"auth": {"access_token": "a", "refresh_token": "r",
                                         "application_token": "t", "member_id": "m"}})
         };
-        for code in KEEP_OAUTH_TOKENS {
+        for code in ["ONAPPINSTALL", "ONAPPUPDATE"] {
             let mut p = event();
             strip_tokens(EnvelopeKind::Event, code, &mut p);
             assert_eq!(p, event(), "{code}");

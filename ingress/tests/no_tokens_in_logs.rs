@@ -6,7 +6,7 @@
 
 use b24_tests::http::{HttpClient, FORM};
 use b24_tests::phpform::http_build_query;
-use b24_tests::pipeline::{Pipeline, SEED_APP_TOKEN, SEED_DOMAIN, SEED_MEMBER};
+use b24_tests::pipeline::{Pipeline, SEED_APP_TOKEN, SEED_MEMBER};
 use b24_tests::spawn::{self, eventually};
 use b24_tests::{broker, fixtures};
 use serde_json::{json, Value};
@@ -130,14 +130,15 @@ async fn no_token_in_output_at(level: &str) {
 
     let mut secrets = vec![SEED_APP_TOKEN.to_string(), p.portal.client_secret()];
     // The installation, through the binaries.
-    let install = p.install_event(SEED_MEMBER, SEED_DOMAIN);
+    p.portal.mark_installed(SEED_APP_TOKEN);
+    let install = p.install_event(SEED_MEMBER, &p.portal.domain());
     secrets.extend(pair_of(&install));
     assert_eq!(post("/events", &install).await.status, 200);
     let db = p.db_client().await;
     let installed = eventually(Duration::from_secs(30), || async {
         db.query_opt(
             "SELECT 1 FROM portals WHERE member_id = $1 AND status = 'installed'
-               AND application_token IS NOT NULL",
+               AND application_token_sha256 IS NOT NULL",
             &[&SEED_MEMBER],
         )
         .await
@@ -185,7 +186,12 @@ async fn no_token_in_output_at(level: &str) {
             .status,
         200
     );
-    assert_eq!(post("/events", &fixtures::app_payment()).await.status, 200);
+    assert_eq!(
+        post("/events", &p.seed(&fixtures::app_payment()))
+            .await
+            .status,
+        200
+    );
     let mut forged = fixtures::requisite_add();
     forged["auth"]["application_token"] = json!("f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0");
     secrets.push("f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0".into());
@@ -231,6 +237,9 @@ async fn no_token_in_output_at(level: &str) {
         secrets.extend(row.get::<_, Option<String>>(0));
         secrets.extend(row.get::<_, Option<String>>(1));
     }
+    let (access, refresh) = p.stored_tokens(SEED_MEMBER).await;
+    secrets.extend(access);
+    secrets.extend(refresh);
 
     let worker_out = stop(worker).await;
     let ingress_out = stop(ingress).await;
@@ -245,7 +254,8 @@ async fn no_token_in_output_at(level: &str) {
         "ingress logged nothing at debug:\n{ingress_out}"
     );
     assert!(
-        worker_out.contains("portal installed") && worker_out.contains("refreshed tokens"),
+        worker_out.contains("installation proved and stored")
+            && worker_out.contains("refreshed tokens"),
         "{worker_out}"
     );
     secrets.sort();

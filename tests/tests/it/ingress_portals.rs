@@ -34,13 +34,13 @@ async fn store_portal(
     installed_ago: Duration,
 ) {
     db.execute(
-        "INSERT INTO portals (member_id, domain, client_endpoint, application_token, status,
-                              installed_at)
+        "INSERT INTO portals (member_id, domain, client_endpoint, application_token_sha256,
+                              status, installed_at)
          VALUES ($1, $1 || '.bitrix24.com', 'https://' || $1 || '.bitrix24.com/rest/', $2, $3,
                  now() - make_interval(secs => $4))",
         &[
             &member_id,
-            &application_token,
+            &application_token.map(b24_shared::portals::token_digest),
             &status,
             &installed_ago.as_secs_f64(),
         ],
@@ -51,8 +51,8 @@ async fn store_portal(
 
 async fn set_token(db: &tokio_postgres::Client, member_id: &str, token: &str) {
     db.execute(
-        "UPDATE portals SET application_token = $2 WHERE member_id = $1",
-        &[&member_id, &token],
+        "UPDATE portals SET application_token_sha256 = $2 WHERE member_id = $1",
+        &[&member_id, &b24_shared::portals::token_digest(token)],
     )
     .await
     .unwrap();
