@@ -141,3 +141,19 @@ BEGIN
                      secs => p_pause + greatest(b - 1 - p_margin, 0) * i))
      WHERE member_id = p_member;
 END $$;
+
+-- An installation's proof in progress: the refresh consumed the offered refresh token,
+-- so the pair it returned (sealed) is kept until the installation is stored. A retry
+-- of the same claim (a step after the refresh failed for a while) continues with it
+-- instead of finding the offered token used. Kept a day at most.
+CREATE TABLE IF NOT EXISTS install_proofs (
+    offered_refresh_sha256 text PRIMARY KEY,
+    member_id              text NOT NULL,
+    client_endpoint        text,
+    server_endpoint        text,
+    access_token           text NOT NULL,
+    refresh_token          text NOT NULL,
+    expires_in             integer NOT NULL,
+    app_status             text,
+    created_at             timestamptz NOT NULL DEFAULT now()
+);

@@ -711,6 +711,81 @@ pub async fn release_upkeep(
     Ok(())
 }
 
+/// A refresh made for an installation's proof, kept until the installation is stored.
+#[derive(Debug, Clone)]
+pub struct Proof {
+    pub member_id: MemberId,
+    pub client_endpoint: Option<String>,
+    pub server_endpoint: Option<String>,
+    pub access_token: Sealed,
+    pub refresh_token: Sealed,
+    pub expires_in: i32,
+    pub app_status: Option<String>,
+}
+
+/// The proof made with the offered refresh token (its digest), if one was made in the
+/// last day.
+pub async fn find_proof(db: &impl GenericClient, offered_digest: &str) -> DbResult<Option<Proof>> {
+    let row = db
+        .query_opt(
+            "SELECT member_id, client_endpoint, server_endpoint, access_token, refresh_token,
+                    expires_in, app_status
+               FROM install_proofs
+              WHERE offered_refresh_sha256 = $1 AND created_at > now() - interval '1 day'",
+            &[&offered_digest],
+        )
+        .await?;
+    row.map(|r| {
+        Ok(Proof {
+            member_id: r.try_get(0)?,
+            client_endpoint: r.try_get(1)?,
+            server_endpoint: r.try_get(2)?,
+            access_token: Sealed(r.try_get(3)?),
+            refresh_token: Sealed(r.try_get(4)?),
+            expires_in: r.try_get(5)?,
+            app_status: r.try_get(6)?,
+        })
+    })
+    .transpose()
+}
+
+/// Keeps a proof's refreshed pair (and forgets proofs older than a day).
+pub async fn keep_proof(db: &impl GenericClient, offered_digest: &str, p: &Proof) -> DbResult<()> {
+    db.execute(
+        "DELETE FROM install_proofs WHERE created_at < now() - interval '1 day'",
+        &[],
+    )
+    .await?;
+    db.execute(
+        "INSERT INTO install_proofs (offered_refresh_sha256, member_id, client_endpoint,
+                                     server_endpoint, access_token, refresh_token,
+                                     expires_in, app_status)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (offered_refresh_sha256) DO NOTHING",
+        &[
+            &offered_digest,
+            &p.member_id,
+            &p.client_endpoint,
+            &p.server_endpoint,
+            &p.access_token.0,
+            &p.refresh_token.0,
+            &p.expires_in,
+            &p.app_status,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn forget_proof(db: &impl GenericClient, offered_digest: &str) -> DbResult<()> {
+    db.execute(
+        "DELETE FROM install_proofs WHERE offered_refresh_sha256 = $1",
+        &[&offered_digest],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Appends to the portal's audit trail (installs, reinstalls, token changes,
 /// uninstalls). `detail` never holds a token.
 pub async fn audit(

@@ -213,6 +213,11 @@ impl Pipeline {
         &self.worker_env
     }
 
+    /// Changes the environment of workers added from now on.
+    pub fn set_worker_env(&mut self, name: &str, value: &str) {
+        self.worker_env.insert(name.to_string(), value.to_string());
+    }
+
     pub async fn add_worker(&mut self) {
         let env = self.worker_env.clone();
         let config = WorkerConfig::from_lookup(&|k| env.get(k).cloned()).expect("worker config");

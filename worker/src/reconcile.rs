@@ -132,7 +132,7 @@ impl Reconciler {
     async fn payment_check(&self, member_id: &MemberId) -> &'static str {
         match self
             .bitrix
-            .call(member_id, &Auth::StoredPaymentCheck, "app.info", &json!({}))
+            .call_patiently(member_id, &Auth::StoredPaymentCheck, "app.info", &json!({}))
             .await
         {
             Ok(answer) => {
@@ -189,7 +189,7 @@ impl Reconciler {
             }
             let answer = self
                 .bitrix
-                .call(member_id, &Auth::Stored, "event.offline.get", &params)
+                .call_patiently(member_id, &Auth::Stored, "event.offline.get", &params)
                 .await
                 .map_err(|e| e.to_string())?;
             let records = answer
@@ -214,7 +214,7 @@ impl Reconciler {
             let (ok_ids, bad_messages) = self.publish(member_id, &records).await?;
             if !bad_messages.is_empty() {
                 self.bitrix
-                    .call(
+                    .call_patiently(
                         member_id,
                         &Auth::Stored,
                         "event.offline.error",
@@ -225,7 +225,7 @@ impl Reconciler {
             }
             if !ok_ids.is_empty() {
                 self.bitrix
-                    .call(
+                    .call_patiently(
                         member_id,
                         &Auth::Stored,
                         "event.offline.clear",

@@ -13,5 +13,6 @@ mod ingress_seeds;
 mod ingress_shutdown;
 mod metrics_coverage;
 mod sim_pipeline;
+mod trust;
 mod worker_failures;
 mod worker_seeds;

@@ -46,6 +46,28 @@ impl Limiter {
 
     /// Reserves one request slot for the portal if it comes within `max_wait`.
     pub async fn reserve(&self, member_id: &MemberId) -> Result<Slot, DbError> {
+        self.reserve_within(member_id, self.max_wait).await
+    }
+
+    /// Reserves a slot however far away it is and sleeps until it comes: for work
+    /// that holds no message (installations, the reconciler), where waiting is cheaper
+    /// than starting over.
+    pub async fn acquire_patiently(&self, member_id: &MemberId) -> Result<Duration, DbError> {
+        match self.reserve_within(member_id, Duration::MAX).await? {
+            Slot::After(wait) | Slot::Saturated(wait) => {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                Ok(wait)
+            }
+        }
+    }
+
+    async fn reserve_within(
+        &self,
+        member_id: &MemberId,
+        max_wait: Duration,
+    ) -> Result<Slot, DbError> {
         let client = self.pool.get().await?;
         let row = client
             .query_one(
@@ -55,7 +77,7 @@ impl Limiter {
                     &self.interval,
                     &self.burst,
                     &BURST_MARGIN,
-                    &self.max_wait.as_secs_f64(),
+                    &max_wait.as_secs_f64().min(1e9),
                 ],
             )
             .await?;

@@ -71,6 +71,15 @@ pub enum Auth {
     User { endpoint: Url, token: Secret },
 }
 
+/// What a call does when the portal's budget is saturated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Budget {
+    /// Hands the message back to a delay queue rather than hold its slot.
+    HandBack,
+    /// Waits.
+    Patient,
+}
+
 /// Bitrix24's execution-time budget per method: 480 s of work per 10 minutes.
 pub const OPERATING_BUDGET_SECS: f64 = 480.0;
 
@@ -214,6 +223,32 @@ impl Bitrix {
         method: &str,
         params: &Value,
     ) -> Result<Answer, B24Error> {
+        self.call_with(member_id, auth, method, params, Budget::HandBack)
+            .await
+    }
+
+    /// Like [`Self::call`], but waits for the budget however long it takes: for work
+    /// that holds no message slot and would lose progress if handed back (an
+    /// installation's proof and bindings, the reconciler).
+    pub async fn call_patiently(
+        &self,
+        member_id: &MemberId,
+        auth: &Auth,
+        method: &str,
+        params: &Value,
+    ) -> Result<Answer, B24Error> {
+        self.call_with(member_id, auth, method, params, Budget::Patient)
+            .await
+    }
+
+    async fn call_with(
+        &self,
+        member_id: &MemberId,
+        auth: &Auth,
+        method: &str,
+        params: &Value,
+        budget: Budget,
+    ) -> Result<Answer, B24Error> {
         self.check_method_pause(member_id, method).await?;
         let mut retry = Retry::new(self.policy);
         let mut session = match auth {
@@ -231,7 +266,7 @@ impl Bitrix {
                     unreachable!("a stored call has its session")
                 }
             };
-            self.wait_for_budget(member_id).await?;
+            self.wait_for_budget(member_id, budget).await?;
             let err = match self.rest.call(endpoint, token, method, params).await {
                 Ok(answer) => {
                     if let Some(s) = &session {
@@ -306,9 +341,18 @@ impl Bitrix {
 
     /// Waits for a slot of the portal's budget, or hands the message back when the
     /// budget is saturated for longer than the configured wait.
-    async fn wait_for_budget(&self, member_id: &MemberId) -> Result<(), B24Error> {
-        let slot = self.limiter.acquire(member_id).await.map_err(db_error)?;
+    async fn wait_for_budget(&self, member_id: &MemberId, budget: Budget) -> Result<(), B24Error> {
         let metrics = self.rest.metrics();
+        if budget == Budget::Patient {
+            let waited = self
+                .limiter
+                .acquire_patiently(member_id)
+                .await
+                .map_err(db_error)?;
+            metrics.limiter_wait.observe(waited.as_secs_f64());
+            return Ok(());
+        }
+        let slot = self.limiter.acquire(member_id).await.map_err(db_error)?;
         match slot {
             Slot::After(waited) => {
                 metrics.limiter_wait.observe(waited.as_secs_f64());

@@ -96,39 +96,61 @@ pub async fn run(bitrix: &Bitrix, settings: &Settings<'_>, claim: Claim) -> Resu
         .or_else(|| stored.as_ref().and_then(|p| p.server_endpoint.clone()));
 
     // 1. The authorization server vouches for the tokens, the portal and its address.
-    let pair = match bitrix
-        .refresh_at(server_endpoint.as_deref(), &refresh)
-        .await
-    {
-        Ok(pair) => pair,
-        Err(e) if e.code == "invalid_grant" => {
-            let proved_lately = stored.as_ref().is_some_and(|p| {
-                p.status.is_live()
-                    && p.proven_refresh_sha256.as_deref()
-                        == Some(token_digest(refresh.expose()).as_str())
-                    && p.proven_at.is_some_and(|at| {
-                        chrono::Utc::now().signed_duration_since(at).to_std().ok()
-                            < Some(PROOF_REUSE)
-                    })
-            });
-            if !proved_lately {
+    // The refresh consumes the offered token, so its answer is kept until the
+    // installation is stored: a retry of this claim continues with it.
+    let offered = token_digest(refresh.expose());
+    let pair = match kept_proof(bitrix, &offered, &member_id).await? {
+        Some(pair) => pair,
+        None => match bitrix
+            .refresh_at(server_endpoint.as_deref(), &refresh)
+            .await
+        {
+            Ok(pair) => {
+                pair.check_member(&member_id)
+                    .map_err(|e| refused("INSTALL_NOT_PROVEN", e.to_string()))?;
+                let pair = Refreshed {
+                    access: pair.access_token,
+                    refresh: pair.refresh_token,
+                    expires_in: pair.expires_in.unwrap_or(3600),
+                    client_endpoint: pair.client_endpoint,
+                    status: pair.status,
+                };
+                keep_proof(
+                    bitrix,
+                    &offered,
+                    &member_id,
+                    server_endpoint.as_deref(),
+                    &pair,
+                )
+                .await?;
+                pair
+            }
+            Err(e) if e.code == "invalid_grant" => {
+                let proved_lately = stored.as_ref().is_some_and(|p| {
+                    p.status.is_live()
+                        && p.proven_refresh_sha256.as_deref() == Some(offered.as_str())
+                        && p.proven_at.is_some_and(|at| {
+                            chrono::Utc::now().signed_duration_since(at).to_std().ok()
+                                < Some(PROOF_REUSE)
+                        })
+                });
+                if !proved_lately {
+                    return Err(refused(
+                        "INSTALL_NOT_PROVEN",
+                        "the authorization server refused the offered refresh token",
+                    ));
+                }
+                return proved_earlier(bitrix, settings, &claim).await;
+            }
+            Err(e) if e.class.is_retryable() || e.class == ErrorClass::Held => return Err(e.into()),
+            Err(e) => {
                 return Err(refused(
                     "INSTALL_NOT_PROVEN",
-                    "the authorization server refused the offered refresh token",
-                ));
+                    format!("the authorization server refused the tokens: {e}"),
+                ))
             }
-            return proved_earlier(bitrix, settings, &claim).await;
-        }
-        Err(e) if e.class.is_retryable() || e.class == ErrorClass::Held => return Err(e.into()),
-        Err(e) => {
-            return Err(refused(
-                "INSTALL_NOT_PROVEN",
-                format!("the authorization server refused the tokens: {e}"),
-            ))
-        }
+        },
     };
-    pair.check_member(&member_id)
-        .map_err(|e| refused("INSTALL_NOT_PROVEN", e.to_string()))?;
     let reported = pair
         .client_endpoint
         .as_deref()
@@ -156,10 +178,10 @@ pub async fn run(bitrix: &Bitrix, settings: &Settings<'_>, claim: Claim) -> Resu
     // 2. and 3.: an administrator installed this application.
     let user = Auth::User {
         endpoint: reported.clone(),
-        token: pair.access_token.clone(),
+        token: pair.access.clone(),
     };
     let admin = bitrix
-        .call(&member_id, &user, "user.admin", &json!({}))
+        .call_patiently(&member_id, &user, "user.admin", &json!({}))
         .await
         .map_err(proof_failure)?;
     if admin.result != Value::Bool(true) {
@@ -169,7 +191,7 @@ pub async fn run(bitrix: &Bitrix, settings: &Settings<'_>, claim: Claim) -> Resu
         ));
     }
     let info = bitrix
-        .call(&member_id, &user, "app.info", &json!({}))
+        .call_patiently(&member_id, &user, "app.info", &json!({}))
         .await
         .map_err(proof_failure)?;
     let code = info.result.get("CODE").and_then(Value::as_str);
@@ -187,9 +209,9 @@ pub async fn run(bitrix: &Bitrix, settings: &Settings<'_>, claim: Claim) -> Resu
         domain: domain.clone(),
         client_endpoint: reported.to_string(),
         server_endpoint: server_endpoint.filter(|s| bitrix.rest.allowed_hosts().check(s).is_ok()),
-        access_token: cipher.seal(&member_id, &pair.access_token),
-        refresh_token: cipher.seal(&member_id, &pair.refresh_token),
-        expires_in_secs: pair.expires_in.unwrap_or(3600),
+        access_token: cipher.seal(&member_id, &pair.access),
+        refresh_token: cipher.seal(&member_id, &pair.refresh),
+        expires_in_secs: pair.expires_in,
         application_token: match claim.source {
             Source::Page => None,
             Source::InstallEvent | Source::UpdateEvent => claim.application_token.clone(),
@@ -209,15 +231,90 @@ pub async fn run(bitrix: &Bitrix, settings: &Settings<'_>, claim: Claim) -> Resu
         proven_refresh_sha256: token_digest(refresh.expose()),
     };
     store(bitrix, &verified, claim.source, stored.is_some()).await?;
+    {
+        let client = bitrix.pool().get().await?;
+        portals::forget_proof(&client, &offered).await?;
+    }
     tracing::info!(%member_id, %domain, source = ?claim.source, "installation proved and stored");
     bind_all(bitrix, &member_id, settings.public_url).await?;
     Ok(Done::Stored)
 }
 
+/// The pair a refresh returned for a proof.
+struct Refreshed {
+    access: Secret,
+    refresh: Secret,
+    expires_in: i64,
+    client_endpoint: Option<String>,
+    status: Option<String>,
+}
+
+/// The pair of a proof already made with this offered token (a retry of the claim).
+async fn kept_proof(
+    bitrix: &Bitrix,
+    offered: &str,
+    member_id: &MemberId,
+) -> Result<Option<Refreshed>, Failure> {
+    let proof = {
+        let client = bitrix.pool().get().await?;
+        portals::find_proof(&client, offered).await?
+    };
+    let Some(proof) = proof else {
+        return Ok(None);
+    };
+    if proof.member_id != *member_id {
+        return Err(refused(
+            "INSTALL_NOT_PROVEN",
+            "the refresh token was proved for another portal",
+        ));
+    }
+    let open = |s: &portals::Sealed| {
+        bitrix
+            .cipher()
+            .open(member_id, s)
+            .map(crate::crypto::Opened::secret)
+            .map_err(|e| Failure::hold("TOKEN_KEY", e.to_string(), crate::bitrix::session::HOLD))
+    };
+    Ok(Some(Refreshed {
+        access: open(&proof.access_token)?,
+        refresh: open(&proof.refresh_token)?,
+        expires_in: i64::from(proof.expires_in),
+        client_endpoint: proof.client_endpoint,
+        status: proof.app_status,
+    }))
+}
+
+async fn keep_proof(
+    bitrix: &Bitrix,
+    offered: &str,
+    member_id: &MemberId,
+    server_endpoint: Option<&str>,
+    pair: &Refreshed,
+) -> Result<(), Failure> {
+    let cipher = bitrix.cipher();
+    let client = bitrix.pool().get().await?;
+    portals::keep_proof(
+        &client,
+        offered,
+        &portals::Proof {
+            member_id: member_id.clone(),
+            client_endpoint: pair.client_endpoint.clone(),
+            server_endpoint: server_endpoint.map(str::to_string),
+            access_token: cipher.seal(member_id, &pair.access),
+            refresh_token: cipher.seal(member_id, &pair.refresh),
+            expires_in: i32::try_from(pair.expires_in).unwrap_or(3600),
+            app_status: pair.status.clone(),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// A step of the proof answered: refusals are verification failures, Bitrix24 being
 /// unreachable is retried.
 fn proof_failure(e: B24Error) -> Failure {
-    if e.class.is_retryable() && e.class != ErrorClass::NeedsRefresh {
+    let unreachable = e.class.is_retryable() && e.class != ErrorClass::NeedsRefresh;
+    if unreachable || e.class == ErrorClass::Held {
         e.into()
     } else {
         refused("INSTALL_NOT_PROVEN", e.to_string())
@@ -350,7 +447,7 @@ async fn smart_process_types(bitrix: &Bitrix, member_id: &MemberId) -> Result<Ve
             None => json!({}),
         };
         let answer = bitrix
-            .call(member_id, &Auth::Stored, "crm.type.list", &params)
+            .call_patiently(member_id, &Auth::Stored, "crm.type.list", &params)
             .await?;
         let page = answer
             .result
@@ -384,7 +481,10 @@ async fn bind(
     method: &str,
     params: Value,
 ) -> Result<(), Failure> {
-    match bitrix.call(member_id, &Auth::Stored, method, &params).await {
+    match bitrix
+        .call_patiently(member_id, &Auth::Stored, method, &params)
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if e.description.to_ascii_lowercase().contains("already") => Ok(()),
         Err(e) => Err(e.into()),
