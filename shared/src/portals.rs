@@ -75,65 +75,45 @@ impl fmt::Display for PortalStatus {
     }
 }
 
-impl ToSql for PortalStatus {
-    fn to_sql(
-        &self,
-        ty: &Type,
-        out: &mut bytes::BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        self.as_str().to_sql(ty, out)
-    }
+/// Stores a type as its text form: `$ty::as_str` out, `$parse` back in.
+macro_rules! text_sql {
+    ($ty:ty, $parse:expr) => {
+        impl ToSql for $ty {
+            fn to_sql(
+                &self,
+                ty: &Type,
+                out: &mut bytes::BytesMut,
+            ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+                self.as_str().to_sql(ty, out)
+            }
 
-    fn accepts(ty: &Type) -> bool {
-        <&str as ToSql>::accepts(ty)
-    }
+            fn accepts(ty: &Type) -> bool {
+                <&str as ToSql>::accepts(ty)
+            }
 
-    to_sql_checked!();
+            to_sql_checked!();
+        }
+
+        impl<'a> FromSql<'a> for $ty {
+            fn from_sql(
+                ty: &Type,
+                raw: &'a [u8],
+            ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+                let s = <&str as FromSql>::from_sql(ty, raw)?;
+                let parse: fn(&str) -> Result<$ty, String> = $parse;
+                parse(s).map_err(Into::into)
+            }
+
+            fn accepts(ty: &Type) -> bool {
+                <&str as FromSql>::accepts(ty)
+            }
+        }
+    };
 }
 
-impl<'a> FromSql<'a> for PortalStatus {
-    fn from_sql(
-        ty: &Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        let s = <&str as FromSql>::from_sql(ty, raw)?;
-        Self::parse(s).ok_or_else(|| format!("unknown portal status `{s}`").into())
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        <&str as FromSql>::accepts(ty)
-    }
-}
-
-impl ToSql for MemberId {
-    fn to_sql(
-        &self,
-        ty: &Type,
-        out: &mut bytes::BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        self.as_str().to_sql(ty, out)
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        <&str as ToSql>::accepts(ty)
-    }
-
-    to_sql_checked!();
-}
-
-impl<'a> FromSql<'a> for MemberId {
-    fn from_sql(
-        ty: &Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        let s = <&str as FromSql>::from_sql(ty, raw)?;
-        MemberId::parse(s).map_err(|e| e.to_string().into())
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        <&str as FromSql>::accepts(ty)
-    }
-}
+text_sql!(PortalStatus, |s| PortalStatus::parse(s)
+    .ok_or_else(|| format!("unknown portal status `{s}`")));
+text_sql!(MemberId, |s| MemberId::parse(s).map_err(|e| e.to_string()));
 
 /// A token as stored: sealed by the worker's key. Opaque here; never printed.
 #[derive(Clone, PartialEq, Eq)]

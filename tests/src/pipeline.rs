@@ -463,6 +463,44 @@ impl Pipeline {
         .is_some()
     }
 
+    /// The broker settings this pipeline's apps use (for the `dlq` commands).
+    pub fn amqp_config(&self) -> b24_shared::config::AmqpConfig {
+        let prefix = self.ingress.prefix.clone();
+        let url = crate::broker::amqp_url();
+        b24_shared::config::AmqpConfig::from_lookup(&move |k| match k {
+            "AMQP_PREFIX" => Some(prefix.clone()),
+            "AMQP_URL" => Some(url.clone()),
+            _ => None,
+        })
+        .expect("test AMQP settings")
+    }
+
+    /// The dead letters, as `worker dlq list` shows them (nothing is taken).
+    pub async fn dead_letters(&self) -> Vec<Value> {
+        b24_worker::dlq::peek(&self.amqp_config(), 100)
+            .await
+            .expect("dead-letter queue readable")
+    }
+
+    /// A message of `event` failed verification for `reason`: counted, and neither
+    /// stored in `events` nor dead-lettered.
+    pub async fn expect_dropped(&self, event: &str, reason: &str) {
+        assert!(
+            self.wait_verification_failures(event, reason, 1).await,
+            "{event} dropped for {reason}:\n{}",
+            self.events_summary().await
+        );
+        assert_eq!(
+            self.event_count_and_attempts(event).await.0,
+            0,
+            "{event} not stored"
+        );
+        assert!(
+            self.dead_letters().await.is_empty(),
+            "nothing dead-lettered"
+        );
+    }
+
     /// A client of the test database, once the worker has created it.
     pub async fn db_client(&self) -> tokio_postgres::Client {
         let ready = eventually(Duration::from_secs(20), || async {

@@ -142,16 +142,7 @@ impl Reconciler {
                 let Ok(client) = self.bitrix.pool().get().await else {
                     return "failed";
                 };
-                match portals::store_app_state(
-                    &client,
-                    member_id,
-                    &state.app_status,
-                    state.payment_expired,
-                    state.days_left,
-                    state.version.as_deref(),
-                )
-                .await
-                {
+                match state.store(&client, member_id).await {
                     Ok(()) if !state.payment_expired => {
                         tracing::info!(%member_id, "app paid again; held events resume");
                         "paid"

@@ -302,7 +302,7 @@ async fn events_whose_application_token_never_comes_are_dead_lettered_after_the_
     event["auth"]["member_id"] = json!(p.portal.member_id());
     p.publish_unchecked(&event).await;
     let dead = eventually(WITHIN, || async {
-        let d = b24_worker::dlq::peek(&amqp(&p), 10).await.ok()?;
+        let d = p.dead_letters().await;
         (!d.is_empty()).then_some(d)
     })
     .await
@@ -621,17 +621,6 @@ async fn a_live_domain_belongs_to_one_portal() {
     .await
     .unwrap();
     p.finish().await;
-}
-
-fn amqp(p: &Pipeline) -> b24_shared::config::AmqpConfig {
-    let prefix = p.ingress.prefix.clone();
-    let url = b24_tests::broker::amqp_url();
-    b24_shared::config::AmqpConfig::from_lookup(&move |k| match k {
-        "AMQP_PREFIX" => Some(prefix.clone()),
-        "AMQP_URL" => Some(url.clone()),
-        _ => None,
-    })
-    .unwrap()
 }
 
 #[tokio::test]

@@ -156,25 +156,21 @@ impl Bitrix {
 
     /// The portal's stored state as a callable session, or why it cannot be called.
     pub async fn session(&self, member_id: &MemberId) -> Result<Session, B24Error> {
-        let client = self.pool.get().await.map_err(db_error)?;
-        let portal = portals::find(&client, member_id)
-            .await
-            .map_err(db_error)?
-            .ok_or_else(|| {
-                B24Error::ours(
-                    ErrorClass::Permanent,
-                    "UNKNOWN_PORTAL",
-                    "portal is not installed",
-                )
-            })?;
-        drop(client);
-        self.session_of(&portal).await
+        self.session_of(&self.load(member_id).await?).await
     }
 
     /// Like [`Self::session`], but a portal held for payment may be called.
     async fn session_for_check(&self, member_id: &MemberId) -> Result<Session, B24Error> {
+        let mut portal = self.load(member_id).await?;
+        if portal.status == PortalStatus::PaymentRequired {
+            portal.status = PortalStatus::Installed;
+        }
+        self.session_of(&portal).await
+    }
+
+    async fn load(&self, member_id: &MemberId) -> Result<Portal, B24Error> {
         let client = self.pool.get().await.map_err(db_error)?;
-        let mut portal = portals::find(&client, member_id)
+        portals::find(&client, member_id)
             .await
             .map_err(db_error)?
             .ok_or_else(|| {
@@ -183,12 +179,7 @@ impl Bitrix {
                     "UNKNOWN_PORTAL",
                     "portal is not installed",
                 )
-            })?;
-        drop(client);
-        if portal.status == PortalStatus::PaymentRequired {
-            portal.status = PortalStatus::Installed;
-        }
-        self.session_of(&portal).await
+            })
     }
 
     async fn session_of(&self, portal: &Portal) -> Result<Session, B24Error> {

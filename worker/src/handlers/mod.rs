@@ -253,6 +253,25 @@ pub struct PaymentState {
     pub version: Option<String>,
 }
 
+impl PaymentState {
+    /// Stores it on the portal's row; a paid application lifts `payment_required`.
+    pub async fn store(
+        &self,
+        db: &impl deadpool_postgres::GenericClient,
+        member_id: &MemberId,
+    ) -> Result<(), tokio_postgres::Error> {
+        b24_shared::portals::store_app_state(
+            db,
+            member_id,
+            &self.app_status,
+            self.payment_expired,
+            self.days_left,
+            self.version.as_deref(),
+        )
+        .await
+    }
+}
+
 pub fn payment_state(app_info: &Value) -> Option<PaymentState> {
     let status = app_info.get("STATUS")?.as_str()?.to_string();
     let expired = matches!(

@@ -50,15 +50,7 @@ pub async fn run(
         .ok_or_else(|| Failure::dead("UNEXPECTED_RESULT", "app.info answer has no STATUS"))?;
     {
         let client = store.pool().get().await?;
-        portals::store_app_state(
-            &client,
-            member_id,
-            &state.app_status,
-            state.payment_expired,
-            state.days_left,
-            state.version.as_deref(),
-        )
-        .await?;
+        state.store(&client, member_id).await?;
     }
     // One row per portal: the app's own code, from Bitrix24's answer, not the event's.
     let code = answer
