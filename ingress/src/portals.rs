@@ -321,7 +321,7 @@ mod tests {
     #[tokio::test]
     async fn a_missing_database_is_asked_once_then_left_alone() {
         // Named, never created.
-        let url = Secret::new(TestDb::new("portals_missing").url);
+        let url = Secret::new(TestDb::new("portals_missing").url.clone());
         let metrics = IngressMetrics::default();
         let cache = PortalCache::new(Some(&url), GRACE, CAPACITY, metrics.portal_lookups.clone());
 

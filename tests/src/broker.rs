@@ -41,6 +41,25 @@ pub async fn ready_count(queue: &str) -> anyhow::Result<u32> {
     Ok(n)
 }
 
+/// Whether `queue` exists on the broker.
+pub async fn queue_exists(queue: &str) -> anyhow::Result<bool> {
+    let conn = connect().await?;
+    let ch = conn.create_channel().await?;
+    let exists = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = conn.close(200, "done".into()).await;
+    Ok(exists)
+}
+
 /// Takes every message out of `queue` and parses each as an envelope.
 pub async fn drain(queue: &str) -> anyhow::Result<Vec<Envelope>> {
     let conn = connect().await?;

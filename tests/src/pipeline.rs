@@ -23,10 +23,47 @@ pub fn pg_base() -> String {
     std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
-/// A database of its own for one test, dropped at the end.
+/// A database of its own for one test, dropped at the end: by [`TestDb::drop_db`],
+/// or when the value goes away (a failed test panics past its clean-up, and must not
+/// leave its database behind).
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    dropped: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.dropped.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let name = self.name.clone();
+        // Drop runs outside any runtime's reach (maybe during a panic): a thread of its
+        // own with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(drop_database(&name));
+            }
+        })
+        .join();
+    }
+}
+
+async fn drop_database(name: &str) {
+    if let Ok((client, conn)) =
+        tokio_postgres::connect(&format!("{}/postgres", pg_base()), NoTls).await
+    {
+        tokio::spawn(conn);
+        let _ = client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                name.replace('"', "")
+            ))
+            .await;
+    }
 }
 
 impl TestDb {
@@ -36,6 +73,7 @@ impl TestDb {
         Self {
             url: format!("{}/{name}", pg_base()),
             name,
+            dropped: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -48,16 +86,8 @@ impl TestDb {
     }
 
     pub async fn drop_db(&self) {
-        if let Ok((client, conn)) =
-            tokio_postgres::connect(&format!("{}/postgres", pg_base()), NoTls).await
-        {
-            tokio::spawn(conn);
-            let _ = client
-                .batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                    self.name
-                ))
-                .await;
+        if !self.dropped.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            drop_database(&self.name).await;
         }
     }
 }
@@ -73,6 +103,19 @@ pub struct TestWorker {
 enum Stop {
     Graceful,
     Kill,
+}
+
+/// A worker still running when its test ends (a failed test) is killed, so it cannot
+/// outlive the queues and database it was given.
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        if let Some(c) = self.control.take() {
+            let _ = c.send(Stop::Kill);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl TestWorker {
@@ -137,11 +180,14 @@ impl TestWorker {
     }
 }
 
+/// Fields drop in this order when a test fails before `finish`: workers first (a
+/// running worker would declare the queues again), then the ingress and its queues,
+/// then the database.
 pub struct Pipeline {
+    pub workers: Vec<TestWorker>,
     pub ingress: TestIngress,
     pub db: TestDb,
     pub portal: SimPortal,
-    pub workers: Vec<TestWorker>,
     worker_env: HashMap<String, String>,
 }
 

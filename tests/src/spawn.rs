@@ -31,6 +31,27 @@ pub struct TestIngress {
     pub http: HttpClient,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// The prefix's queues were deleted (by `finish`).
+    cleaned: bool,
+}
+
+/// A test that panics before `finish` must not leave its queues on the broker.
+impl Drop for TestIngress {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let prefix = self.prefix.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                let _ = rt.block_on(crate::broker::delete_topology(&prefix));
+            }
+        })
+        .join();
+    }
 }
 
 impl TestIngress {
@@ -82,6 +103,7 @@ impl TestIngress {
             http: HttpClient::new(addr),
             stop: Some(stop),
             task: Some(task),
+            cleaned: false,
         }
     }
 
@@ -147,6 +169,7 @@ impl TestIngress {
     pub async fn finish(mut self) {
         self.shutdown().await;
         let _ = crate::broker::delete_topology(&self.prefix).await;
+        self.cleaned = true;
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod client_limits;
 mod demo;
+mod harness;
 mod ingress_broker_outage;
 mod ingress_hostage;
 mod ingress_payloads;
