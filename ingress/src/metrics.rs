@@ -8,6 +8,8 @@ pub struct IngressMetrics {
     pub registry: Registry,
     /// By route (`events`, `placement`, `install`, `healthz`, …) and HTTP status.
     pub requests: IntCounterVec,
+    /// Calls made durable (the broker confirmed), by event: what came in, per event.
+    pub events: IntCounterVec,
     /// Time from publish to the broker's confirm, by outcome.
     pub publish_confirm: HistogramVec,
     /// Refused requests by reason (`form`, `missing_field`, `too_large`, `unavailable`,
@@ -30,6 +32,12 @@ impl Default for IngressMetrics {
                 "b24_ingress_requests_total",
                 "HTTP requests answered, by route and status",
                 &["route", "status"],
+            ),
+            events: counter_vec(
+                &registry,
+                "b24_ingress_events_total",
+                "Events, widget calls and installs queued (broker confirmed), by event",
+                &["event"],
             ),
             publish_confirm: histogram_vec(
                 &registry,

@@ -2,6 +2,7 @@
 
 use crate::bitrix::B24Metrics;
 use b24_shared::metrics::{counter_vec, histogram_vec, register};
+use chrono::{DateTime, Utc};
 use prometheus::{HistogramVec, IntCounterVec, IntGauge, Registry};
 
 #[derive(Clone)]
@@ -11,6 +12,9 @@ pub struct WorkerMetrics {
     /// held, dead, dropped, requeued.
     pub messages: IntCounterVec,
     pub processing: HistogramVec,
+    /// From the ingress's `received_at` (the POST) to the stored row, by event: queue
+    /// wait, delay queues and processing together, what a user of the data waits.
+    pub end_to_end: HistogramVec,
     pub retries: IntCounterVec,
     /// By event label and error code.
     pub dead_letters: IntCounterVec,
@@ -42,6 +46,16 @@ impl Default for WorkerMetrics {
                 &["event"],
                 vec![
                     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ],
+            ),
+            end_to_end: histogram_vec(
+                &registry,
+                "b24_worker_end_to_end_seconds",
+                "Time from the ingress receiving an event to its row being stored, by event",
+                &["event"],
+                vec![
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                    1800.0, 3600.0,
                 ],
             ),
             retries: counter_vec(
@@ -84,5 +98,16 @@ impl Default for WorkerMetrics {
             b24: B24Metrics::new(&registry),
             registry,
         }
+    }
+}
+
+impl WorkerMetrics {
+    /// Records an event stored now that the ingress received at `received_at` (a clock
+    /// behind the ingress's counts as no delay rather than a negative one).
+    pub fn observe_end_to_end(&self, event: &str, received_at: DateTime<Utc>) {
+        let delay = (Utc::now() - received_at).to_std().unwrap_or_default();
+        self.end_to_end
+            .with_label_values(&[event])
+            .observe(delay.as_secs_f64());
     }
 }
