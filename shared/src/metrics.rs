@@ -93,3 +93,32 @@ pub fn event_labels() -> Vec<&'static str> {
     ]);
     labels
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_envelope_label_is_in_the_closed_set() {
+        let samples = [
+            (EnvelopeKind::Event, "ONCRMREQUISITEADD"),
+            (EnvelopeKind::Event, "onAppInstall"),
+            (EnvelopeKind::Event, "ONCRMDEALUPDATE"),
+            (EnvelopeKind::Placement, "CRM_DEAL_DETAIL_ACTIVITY"),
+            (EnvelopeKind::Placement, "CRM_DYNAMIC_183_DETAIL_ACTIVITY"),
+            (EnvelopeKind::Placement, "SOMETHING_ELSE"),
+            (EnvelopeKind::Install, "INSTALL"),
+            (EnvelopeKind::Offline, "ONCRMREQUISITEADD"),
+            (EnvelopeKind::Offline, "ONCRMDEALUPDATE"),
+        ];
+        let all = event_labels();
+        for (kind, code) in samples {
+            let label = envelope_label(kind, code);
+            assert!(all.contains(&label), "{kind:?} {code}: {label}");
+        }
+        assert_eq!(
+            envelope_label(EnvelopeKind::Event, "onAppInstall"),
+            "ONAPPINSTALL"
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! The worker's Prometheus registry: its own metrics plus the Bitrix24 client's.
 
 use crate::bitrix::B24Metrics;
+use b24_shared::metrics::event_labels;
 use b24_shared::metrics::{counter_vec, histogram_vec, register};
 use chrono::{DateTime, Utc};
 use prometheus::{HistogramVec, IntCounterVec, IntGauge, Registry};
@@ -32,7 +33,7 @@ pub struct WorkerMetrics {
 impl Default for WorkerMetrics {
     fn default() -> Self {
         let registry = Registry::new();
-        Self {
+        let metrics = Self {
             messages: counter_vec(
                 &registry,
                 "b24_worker_messages_total",
@@ -97,7 +98,14 @@ impl Default for WorkerMetrics {
             ),
             b24: B24Metrics::new(&registry),
             registry,
+        };
+        // What the dashboard's "done per minute" and delay panels read starts at zero
+        // for every event, so the first events stored show as an increase.
+        for event in event_labels() {
+            metrics.messages.with_label_values(&[event, "done"]);
+            metrics.end_to_end.with_label_values(&[event]);
         }
+        metrics
     }
 }
 
@@ -109,5 +117,42 @@ impl WorkerMetrics {
         self.end_to_end
             .with_label_values(&[event])
             .observe(delay.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_counts_and_delays_start_at_zero_for_every_event() {
+        let (_, text) = b24_shared::metrics::render(&WorkerMetrics::default().registry);
+        let text = String::from_utf8(text).unwrap();
+        for event in event_labels() {
+            let done = format!(r#"b24_worker_messages_total{{event="{event}",outcome="done"}} 0"#);
+            let delay = format!(r#"b24_worker_end_to_end_seconds_count{{event="{event}"}} 0"#);
+            assert!(text.lines().any(|l| l == done), "{done}");
+            assert!(text.lines().any(|l| l == delay), "{delay}");
+        }
+    }
+
+    #[test]
+    fn end_to_end_delay_counts_from_received_at() {
+        let m = WorkerMetrics::default();
+        m.observe_end_to_end(
+            "ONCRMREQUISITEADD",
+            Utc::now() - chrono::Duration::seconds(7),
+        );
+        // A clock ahead of ours gives no negative delay.
+        m.observe_end_to_end("ONAPPPAYMENT", Utc::now() + chrono::Duration::seconds(7));
+        let h = m.end_to_end.with_label_values(&["ONCRMREQUISITEADD"]);
+        assert_eq!(h.get_sample_count(), 1);
+        assert!(
+            (7.0..8.0).contains(&h.get_sample_sum()),
+            "{}",
+            h.get_sample_sum()
+        );
+        let h = m.end_to_end.with_label_values(&["ONAPPPAYMENT"]);
+        assert_eq!(h.get_sample_sum(), 0.0);
     }
 }
