@@ -59,7 +59,7 @@ RABBITMQ_PASSWORD=stackcheck0rabbit
 POSTGRES_PASSWORD=stackcheck0postgres
 GRAFANA_ADMIN_PASSWORD=stackcheck0grafana
 B24_ALLOWED_HOSTS=http://host.containers.internal:*
-B24_OAUTH_URL=http://host.containers.internal:18099/oauth/token/
+B24_OAUTH_URL=http://host.containers.internal:18100/oauth/token/
 INGRESS_PORT=18080
 EOF
 

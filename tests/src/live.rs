@@ -360,6 +360,7 @@ impl Live {
     async fn seeds(&self) -> anyhow::Result<()> {
         self.portal
             .set_app_info(json!({"STATUS": "P", "PAYMENT_EXPIRED": "N", "DAYS": 28}));
+        self.portal.mark_installed(SEED_APP_TOKEN);
         let (access, refresh) = self.portal.issue_tokens();
         self.post_ok(
             "/events",
@@ -369,7 +370,7 @@ impl Live {
                 "ts": "1741092400",
                 "auth": {
                     "access_token": access, "expires_in": "3600", "scope": "crm",
-                    "domain": SEED_DOMAIN, "server_endpoint": self.portal.oauth_url(),
+                    "domain": SEED_DOMAIN, "server_endpoint": self.portal.server_endpoint(),
                     "status": "L", "client_endpoint": self.portal.client_endpoint(),
                     "member_id": SEED_MEMBER, "refresh_token": refresh,
                     "application_token": SEED_APP_TOKEN,

@@ -464,7 +464,10 @@ impl SimPortal {
     /// and never the portal's (settings/oauth/index.md: "The domain of the
     /// authorization server").
     pub fn oauth_domain(&self) -> String {
-        self.inner.oauth_base.trim_start_matches("http://").to_string()
+        self.inner
+            .oauth_base
+            .trim_start_matches("http://")
+            .to_string()
     }
 
     pub fn member_id(&self) -> String {

@@ -5,7 +5,8 @@
 //!   STACK_INGRESS=127.0.0.1:8080 STACK_PORTAL_BIND=10.89.0.1:18099 \
 //!   STACK_PORTAL_HOST=host.containers.internal cargo run -p b24-tests --bin stack_seed
 //!
-//! The workers must be configured for that portal: `B24_OAUTH_URL` pointing at it,
+//! The portal's OAuth server listens on the next port. The workers must be
+//! configured for that portal: `B24_OAUTH_URL` pointing at its OAuth server,
 //! `B24_ALLOWED_HOSTS` allowing it, and the simulated application's credentials
 //! (`B24_CLIENT_ID=local.b24pipeline.sim`, `B24_CLIENT_SECRET=sim-client-secret`).
 
@@ -17,22 +18,30 @@ use b24_tests::pipeline::{SEED_APP_TOKEN, SEED_DOMAIN, SEED_MEMBER};
 use b24_tests::portal::{PortalConfig, SimPortal};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let var = |k: &str| std::env::var(k).with_context(|| format!("{k} is not set"));
     let ingress = HttpClient::new(var("STACK_INGRESS")?.parse()?);
+    let bind: SocketAddr = var("STACK_PORTAL_BIND")?.parse()?;
+    // The OAuth server is another host for Bitrix24: here the next port.
+    let oauth_bind = SocketAddr::new(bind.ip(), bind.port() + 1);
     let portal = SimPortal::try_start_at(
         PortalConfig {
             member_id: SEED_MEMBER.into(),
             domain: SEED_DOMAIN.into(),
             ..PortalConfig::default()
         },
-        var("STACK_PORTAL_BIND")?.parse()?,
+        bind,
+        oauth_bind,
         Some(&var("STACK_PORTAL_HOST")?),
     )
     .await?;
+    // Our application counts as installed with the seeds' application_token, as the
+    // pipeline's own tests have it.
+    portal.mark_installed(SEED_APP_TOKEN);
     portal.set_app_info(json!({"STATUS": "P", "PAYMENT_EXPIRED": "N", "DAYS": 28}));
     println!(
         "simulated portal: {} (OAuth {})",
@@ -47,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
         "ts": "1741092400",
         "auth": {
             "access_token": access, "expires_in": "3600", "scope": "crm",
-            "domain": SEED_DOMAIN, "server_endpoint": portal.oauth_url(),
+            "domain": SEED_DOMAIN, "server_endpoint": portal.server_endpoint(),
             "status": "L", "client_endpoint": portal.client_endpoint(),
             "member_id": SEED_MEMBER, "refresh_token": refresh,
             "application_token": SEED_APP_TOKEN,
