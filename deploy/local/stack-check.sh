@@ -55,6 +55,7 @@ cat >"$work/stack.env" <<'EOF'
 PUBLIC_URL=http://ingress:8080
 B24_CLIENT_ID=local.b24pipeline.sim
 B24_CLIENT_SECRET=sim-client-secret
+B24_TOKEN_KEY=c3RhY2stY2hlY2sta2V5LXN0YWNrLWNoZWNrLWtleTA=
 RABBITMQ_PASSWORD=stackcheck0rabbit
 POSTGRES_PASSWORD=stackcheck0postgres
 GRAFANA_ADMIN_PASSWORD=stackcheck0grafana

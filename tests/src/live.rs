@@ -11,7 +11,7 @@ use crate::broker;
 use crate::fixtures;
 use crate::http::{HttpClient, FORM};
 use crate::phpform::http_build_query;
-use crate::pipeline::{TestDb, SEED_APP_TOKEN, SEED_DOMAIN, SEED_MEMBER};
+use crate::pipeline::{seed_for, TestDb, SEED_APP_TOKEN, SEED_MEMBER};
 use crate::portal::{PortalConfig, SimPortal};
 use crate::prometheus::{self, Prometheus};
 use anyhow::{bail, ensure, Context};
@@ -163,7 +163,6 @@ impl Live {
     pub async fn start(cfg: LiveConfig) -> anyhow::Result<Self> {
         let portal = SimPortal::start(PortalConfig {
             member_id: SEED_MEMBER.into(),
-            domain: SEED_DOMAIN.into(),
             ..PortalConfig::default()
         })
         .await;
@@ -223,6 +222,12 @@ impl Live {
             ("B24_ALLOWED_HOSTS".into(), "http://127.0.0.1:*".into()),
             ("WORKER_SHUTDOWN_GRACE_MS".into(), "3000".into()),
             ("WORKER_DB_POOL".into(), "3".into()),
+            (
+                "B24_TOKEN_KEY".into(),
+                crate::pipeline::TEST_TOKEN_KEY.into(),
+            ),
+            // No offline-event polling: the drills count the calls their events cause.
+            ("WORKER_RECONCILE_INTERVAL_S".into(), "0".into()),
             // Two tries in hand, then the delay queue: the query-limit drill shows
             // a retry through it too.
             ("B24_RETRY_ATTEMPTS".into(), "2".into()),
@@ -261,7 +266,12 @@ impl Live {
     /// thousand of them cost the portal's budget nothing.
     fn ignored_event(&self) -> Value {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        ignored_event(n)
+        self.seed(&ignored_event(n))
+    }
+
+    /// A seed rewritten to the simulated portal's identity.
+    fn seed(&self, payload: &Value) -> Value {
+        seed_for(&self.portal, payload)
     }
 
     /// Rows in the events table now.
@@ -370,7 +380,7 @@ impl Live {
                 "ts": "1741092400",
                 "auth": {
                     "access_token": access, "expires_in": "3600", "scope": "crm",
-                    "domain": SEED_DOMAIN, "server_endpoint": self.portal.server_endpoint(),
+                    "domain": self.portal.domain(), "server_endpoint": self.portal.server_endpoint(),
                     "status": "L", "client_endpoint": self.portal.client_endpoint(),
                     "member_id": SEED_MEMBER, "refresh_token": refresh,
                     "application_token": SEED_APP_TOKEN,
@@ -380,13 +390,12 @@ impl Live {
         .await?;
         self.settled(1, Duration::from_secs(30)).await?;
         let mut sent = vec![
-            ("/events", fixtures::deal_recurring_expose()),
-            ("/events", fixtures::requisite_add()),
-            ("/events", fixtures::app_payment()),
+            ("/events", self.seed(&fixtures::deal_recurring_expose())),
+            ("/events", self.seed(&fixtures::requisite_add())),
+            ("/events", self.seed(&fixtures::app_payment())),
         ];
-        for mut call in fixtures::placements() {
-            call["member_id"] = Value::String(SEED_MEMBER.into());
-            sent.push(("/placement", call));
+        for call in fixtures::placements() {
+            sent.push(("/placement", self.seed(&call)));
         }
         for (path, payload) in &sent {
             self.post_ok(path, payload).await?;
@@ -403,8 +412,11 @@ impl Live {
     async fn query_limit(&self) -> anyhow::Result<()> {
         self.portal.fail_next(3, 503, "QUERY_LIMIT_EXCEEDED");
         let before = self.rows().await?;
-        self.post_ok("/events", &fixtures::requisite_add_numbered(501))
-            .await?;
+        self.post_ok(
+            "/events",
+            &self.seed(&fixtures::requisite_add_numbered(501)),
+        )
+        .await?;
         let db = self.db().await?;
         self.settled(before + 1, Duration::from_secs(60)).await?;
         let row = db
@@ -423,19 +435,10 @@ impl Live {
         Ok(())
     }
 
-    /// A message whose application_token is forged, published straight to the broker
-    /// as an ingress that could not check it would have: the worker dead-letters it.
-    async fn forged_message(&self) -> anyhow::Result<()> {
-        let mut forged = fixtures::requisite_add_numbered(777);
-        forged["auth"]["application_token"] = json!("00000000000000000000000000000000");
-        let event = b24_shared::event::InboundEvent::parse(&forged)?;
-        let env = b24_shared::Envelope::new(
-            b24_shared::EnvelopeKind::Event,
-            event.event.as_str().to_string(),
-            event.auth.member_id.clone(),
-            event.auth.domain.clone(),
-            forged,
-        );
+    /// A poison message, published straight to the broker past the ingress: not an
+    /// envelope at all. The worker dead-letters it. (A forged application_token is no
+    /// longer dead-lettered: verification failures are counted and dropped.)
+    async fn poison_message(&self) -> anyhow::Result<()> {
         let topology = b24_shared::amqp::Topology::new(self.cfg.prefix.clone());
         let conn = broker::connect().await?;
         let ch = conn.create_channel().await?;
@@ -443,21 +446,21 @@ impl Live {
         let confirm = ch
             .basic_publish(
                 topology.exchange().as_str().into(),
-                env.routing_key().as_str().into(),
+                "event.poison".into(),
                 lapin::options::BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
                 },
-                &env.to_json(),
+                b"{not an envelope",
                 lapin::BasicProperties::default().with_delivery_mode(2),
             )
             .await?
             .await?;
-        ensure!(confirm.is_ack(), "forged message not confirmed");
+        ensure!(confirm.is_ack(), "poison message not confirmed");
         let _ = conn.close(200, "done".into()).await;
         self.wait_alert(
             "DeadLetters",
-            &[("code", "APPLICATION_TOKEN_MISMATCH")],
+            &[("code", "MALFORMED_ENVELOPE")],
             Duration::from_secs(60),
         )
         .await
@@ -596,8 +599,11 @@ impl Live {
     async fn invalid_grant(&self) -> anyhow::Result<()> {
         self.portal.expire_access_tokens();
         self.portal.fail_next_oauth(1, 400, "invalid_grant");
-        self.post_ok("/events", &fixtures::requisite_add_numbered(502))
-            .await?;
+        self.post_ok(
+            "/events",
+            &self.seed(&fixtures::requisite_add_numbered(502)),
+        )
+        .await?;
         self.wait_alert(
             "RefreshFailures",
             &[("outcome", "invalid_grant")],
@@ -610,7 +616,7 @@ impl Live {
         self.wait_targets_up(Duration::from_secs(30)).await?;
         self.seeds().await?;
         self.query_limit().await?;
-        self.forged_message().await?;
+        self.poison_message().await?;
         self.broker_closed().await?;
         self.workers_stopped().await?;
         self.ingress_down().await?;
@@ -725,10 +731,10 @@ pub fn ignored_event(n: u64) -> Value {
         "data": {"FIELDS": {"ID": n.to_string()}},
         "ts": "1741092400",
         "auth": {
-            "domain": SEED_DOMAIN,
+            "domain": "some-domain.bitrix24.com",
             "member_id": SEED_MEMBER,
             "application_token": SEED_APP_TOKEN,
-            "client_endpoint": format!("https://{SEED_DOMAIN}/rest/"),
+            "client_endpoint": "https://some-domain.bitrix24.com/rest/",
             "server_endpoint": "https://oauth.bitrix.info/rest/",
         }
     })

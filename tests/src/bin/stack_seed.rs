@@ -14,7 +14,7 @@ use anyhow::{bail, ensure, Context};
 use b24_tests::fixtures;
 use b24_tests::http::{HttpClient, FORM};
 use b24_tests::phpform::http_build_query;
-use b24_tests::pipeline::{SEED_APP_TOKEN, SEED_DOMAIN, SEED_MEMBER};
+use b24_tests::pipeline::{seed_for, SEED_APP_TOKEN, SEED_MEMBER};
 use b24_tests::portal::{PortalConfig, SimPortal};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -31,7 +31,6 @@ async fn main() -> anyhow::Result<()> {
     let portal = SimPortal::try_start_at(
         PortalConfig {
             member_id: SEED_MEMBER.into(),
-            domain: SEED_DOMAIN.into(),
             ..PortalConfig::default()
         },
         bind,
@@ -56,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
         "ts": "1741092400",
         "auth": {
             "access_token": access, "expires_in": "3600", "scope": "crm",
-            "domain": SEED_DOMAIN, "server_endpoint": portal.server_endpoint(),
+            "domain": portal.domain(), "server_endpoint": portal.server_endpoint(),
             "status": "L", "client_endpoint": portal.client_endpoint(),
             "member_id": SEED_MEMBER, "refresh_token": refresh,
             "application_token": SEED_APP_TOKEN,
@@ -90,14 +89,17 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     println!("installed: the workers bound the events and widgets");
 
-    post("/events", fixtures::deal_recurring_expose()).await?;
-    post("/events", fixtures::requisite_add()).await?;
-    post("/events", fixtures::app_payment()).await?;
+    post(
+        "/events",
+        seed_for(&portal, &fixtures::deal_recurring_expose()),
+    )
+    .await?;
+    post("/events", seed_for(&portal, &fixtures::requisite_add())).await?;
+    post("/events", seed_for(&portal, &fixtures::app_payment())).await?;
     let placements = fixtures::placements();
     let n_placements = placements.len();
-    for mut call in placements {
-        call["member_id"] = Value::String(SEED_MEMBER.into());
-        post("/placement", call).await?;
+    for call in placements {
+        post("/placement", seed_for(&portal, &call)).await?;
     }
     wait_calls(
         &portal,
