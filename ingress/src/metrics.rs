@@ -8,6 +8,8 @@ pub struct IngressMetrics {
     pub registry: Registry,
     /// By route (`events`, `placement`, `install`, `healthz`, …) and HTTP status.
     pub requests: IntCounterVec,
+    /// Calls made durable (the broker confirmed), by event: what came in, per event.
+    pub events: IntCounterVec,
     /// Time from publish to the broker's confirm, by outcome.
     pub publish_confirm: HistogramVec,
     /// Refused requests by reason (`form`, `missing_field`, `too_large`, `unavailable`,
@@ -24,12 +26,18 @@ pub struct IngressMetrics {
 impl Default for IngressMetrics {
     fn default() -> Self {
         let registry = Registry::new();
-        Self {
+        let metrics = Self {
             requests: counter_vec(
                 &registry,
                 "b24_ingress_requests_total",
                 "HTTP requests answered, by route and status",
                 &["route", "status"],
+            ),
+            events: counter_vec(
+                &registry,
+                "b24_ingress_events_total",
+                "Events, widget calls and installs queued (broker confirmed), by event",
+                &["event"],
             ),
             publish_confirm: histogram_vec(
                 &registry,
@@ -59,6 +67,36 @@ impl Default for IngressMetrics {
                 &["outcome"],
             ),
             registry,
+        };
+        // The failures alerts watch exist at zero from the start: rate() sees the
+        // first burst of 503s, not only the second (a series born at 8 has rate 0).
+        for route in ["events", "placement", "install"] {
+            metrics.requests.with_label_values(&[route, "503"]);
+        }
+        metrics.rejections.with_label_values(&["unavailable"]);
+        for event in b24_shared::metrics::event_labels() {
+            metrics.events.with_label_values(&[event]);
+        }
+        metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_counters_the_alerts_watch_start_at_zero() {
+        let (_, text) = b24_shared::metrics::render(&IngressMetrics::default().registry);
+        let text = String::from_utf8(text).unwrap();
+        for line in [
+            r#"b24_ingress_requests_total{route="events",status="503"} 0"#,
+            r#"b24_ingress_requests_total{route="placement",status="503"} 0"#,
+            r#"b24_ingress_requests_total{route="install",status="503"} 0"#,
+            r#"b24_ingress_rejections_total{reason="unavailable"} 0"#,
+            r#"b24_ingress_events_total{event="ONCRMREQUISITEADD"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
     }
 }

@@ -205,6 +205,8 @@ async fn accept(
 
     match result {
         Ok(()) => {
+            let event = b24_shared::metrics::envelope_label(envelope.kind, &envelope.event);
+            state.metrics.events.with_label_values(&[event]).inc();
             tracing::debug!(id = %envelope.id, event = %envelope.event, member_id = ?envelope.member_id.as_ref().map(|m| m.as_str()), "queued");
             match page {
                 Some(html) => {

@@ -1,6 +1,8 @@
 //! Prometheus helpers. Each app instance owns its own `Registry` (never the global
 //! default), so several apps in one test process do not collide.
 
+use crate::event::{KnownEvent, KnownPlacement};
+use crate::EnvelopeKind;
 use prometheus::{Encoder, HistogramOpts, Opts, Registry, TextEncoder};
 
 /// Renders a registry in the text exposition format, with its content type.
@@ -58,4 +60,65 @@ pub fn latency_buckets() -> Vec<f64> {
     vec![
         0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ]
+}
+
+/// The bounded `event` label of an envelope: a handled event's or placement's own
+/// label ([`KnownEvent::label`], [`KnownPlacement::label`]), the rest grouped by kind,
+/// as the worker labels the message it reads.
+pub fn envelope_label(kind: EnvelopeKind, code: &str) -> &'static str {
+    match kind {
+        EnvelopeKind::Event => KnownEvent::from_code(code).map_or("other_event", KnownEvent::label),
+        EnvelopeKind::Placement => {
+            KnownPlacement::from_code(code).map_or("other_placement", KnownPlacement::label)
+        }
+        EnvelopeKind::Install => "install",
+        EnvelopeKind::Offline => {
+            KnownEvent::from_code(code).map_or("other_offline", KnownEvent::label)
+        }
+    }
+}
+
+/// Every value the `event` label takes, so counters and histograms can start at zero
+/// for each (rate() then sees their first increase; a series born at its first
+/// observation shows none).
+pub fn event_labels() -> Vec<&'static str> {
+    let mut labels: Vec<&'static str> = KnownEvent::ALL.iter().map(|e| e.label()).collect();
+    labels.extend(KnownPlacement::STATIC.iter().map(|p| p.label()));
+    labels.extend([
+        KnownPlacement::Dynamic(0).label(),
+        "other_event",
+        "other_placement",
+        "install",
+        "other_offline",
+    ]);
+    labels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_envelope_label_is_in_the_closed_set() {
+        let samples = [
+            (EnvelopeKind::Event, "ONCRMREQUISITEADD"),
+            (EnvelopeKind::Event, "onAppInstall"),
+            (EnvelopeKind::Event, "ONCRMDEALUPDATE"),
+            (EnvelopeKind::Placement, "CRM_DEAL_DETAIL_ACTIVITY"),
+            (EnvelopeKind::Placement, "CRM_DYNAMIC_183_DETAIL_ACTIVITY"),
+            (EnvelopeKind::Placement, "SOMETHING_ELSE"),
+            (EnvelopeKind::Install, "INSTALL"),
+            (EnvelopeKind::Offline, "ONCRMREQUISITEADD"),
+            (EnvelopeKind::Offline, "ONCRMDEALUPDATE"),
+        ];
+        let all = event_labels();
+        for (kind, code) in samples {
+            let label = envelope_label(kind, code);
+            assert!(all.contains(&label), "{kind:?} {code}: {label}");
+        }
+        assert_eq!(
+            envelope_label(EnvelopeKind::Event, "onAppInstall"),
+            "ONAPPINSTALL"
+        );
+    }
 }

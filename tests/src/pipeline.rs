@@ -446,36 +446,7 @@ impl Pipeline {
     /// Only keys the seed has are rewritten, so each keeps its documented shape
     /// (`ONAPPPAYMENT` stays without tokens).
     pub fn seed(&self, payload: &Value) -> Value {
-        let mut p = payload.clone();
-        let portal = &self.portal;
-        let set = |o: &mut serde_json::Map<String, Value>, key: &str, value: String| {
-            if o.contains_key(key) {
-                o.insert(key.to_owned(), Value::String(value));
-            }
-        };
-        if let Some(auth) = p.get_mut("auth").and_then(Value::as_object_mut) {
-            set(auth, "domain", portal.domain());
-            set(auth, "client_endpoint", portal.client_endpoint());
-            set(auth, "server_endpoint", portal.server_endpoint());
-            set(auth, "member_id", portal.member_id());
-            set(auth, "application_token", portal.application_token());
-            if auth.contains_key("access_token") || auth.contains_key("refresh_token") {
-                let (access, refresh) = portal.issue_tokens();
-                set(auth, "access_token", access);
-                set(auth, "refresh_token", refresh);
-            }
-        }
-        if let Some(o) = p.as_object_mut().filter(|o| o.contains_key("AUTH_ID")) {
-            let (access, refresh) = portal.issue_tokens();
-            set(o, "DOMAIN", portal.domain());
-            set(o, "PROTOCOL", "0".into());
-            set(o, "member_id", portal.member_id());
-            set(o, "SERVER_ENDPOINT", portal.server_endpoint());
-            set(o, "APPLICATION_TOKEN", portal.application_token());
-            set(o, "AUTH_ID", access);
-            set(o, "REFRESH_ID", refresh);
-        }
-        p
+        seed_for(&self.portal, payload)
     }
 
     /// The sum over this pipeline's workers of a counter, named with its labels as
@@ -672,4 +643,39 @@ impl Pipeline {
         let _ = crate::broker::delete_topology(&prefix).await;
         self.db.drop_db().await;
     }
+}
+
+/// A seed payload rewritten to `portal`'s identity (domain, endpoints, member_id,
+/// application_token, fresh tokens), as [`Pipeline::seed`] does: for drivers that run
+/// a simulated portal without a `Pipeline`.
+pub fn seed_for(portal: &SimPortal, payload: &Value) -> Value {
+    let mut p = payload.clone();
+    let set = |o: &mut serde_json::Map<String, Value>, key: &str, value: String| {
+        if o.contains_key(key) {
+            o.insert(key.to_owned(), Value::String(value));
+        }
+    };
+    if let Some(auth) = p.get_mut("auth").and_then(Value::as_object_mut) {
+        set(auth, "domain", portal.domain());
+        set(auth, "client_endpoint", portal.client_endpoint());
+        set(auth, "server_endpoint", portal.server_endpoint());
+        set(auth, "member_id", portal.member_id());
+        set(auth, "application_token", portal.application_token());
+        if auth.contains_key("access_token") || auth.contains_key("refresh_token") {
+            let (access, refresh) = portal.issue_tokens();
+            set(auth, "access_token", access);
+            set(auth, "refresh_token", refresh);
+        }
+    }
+    if let Some(o) = p.as_object_mut().filter(|o| o.contains_key("AUTH_ID")) {
+        let (access, refresh) = portal.issue_tokens();
+        set(o, "DOMAIN", portal.domain());
+        set(o, "PROTOCOL", "0".into());
+        set(o, "member_id", portal.member_id());
+        set(o, "SERVER_ENDPOINT", portal.server_endpoint());
+        set(o, "APPLICATION_TOKEN", portal.application_token());
+        set(o, "AUTH_ID", access);
+        set(o, "REFRESH_ID", refresh);
+    }
+    p
 }

@@ -339,6 +339,10 @@ pub struct SimPortal {
 struct Inner {
     addr: SocketAddr,
     oauth_addr: SocketAddr,
+    /// `http://host:port` of the portal and of its OAuth server, the bases of the
+    /// endpoints it hands out.
+    base: String,
+    oauth_base: String,
     state: Mutex<State>,
     stop: CancellationToken,
     /// Bitrix24's own outbound HTTP: events and installer pages.
@@ -368,24 +372,48 @@ impl SimPortal {
             .expect("simulated portal binds 127.0.0.1:0")
     }
 
-    pub async fn try_start(mut cfg: PortalConfig) -> std::io::Result<SimPortal> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+    pub async fn try_start(cfg: PortalConfig) -> std::io::Result<SimPortal> {
+        let loopback: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        Self::try_start_at(cfg, loopback, loopback, None).await
+    }
+
+    /// Binds `bind` for the portal and `oauth_bind` for its OAuth server, and hands out
+    /// endpoints under `public_host` (with the bound ports), for a pipeline that
+    /// reaches this machine by another name: workers in containers calling
+    /// `host.containers.internal`, say.
+    pub async fn try_start_at(
+        mut cfg: PortalConfig,
+        bind: SocketAddr,
+        oauth_bind: SocketAddr,
+        public_host: Option<&str>,
+    ) -> std::io::Result<SimPortal> {
+        let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
-        let oauth_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let oauth_listener = TcpListener::bind(oauth_bind).await?;
         let oauth_addr = oauth_listener.local_addr()?;
+        let authority = |a: SocketAddr| match public_host {
+            Some(host) => format!("{host}:{}", a.port()),
+            None => a.to_string(),
+        };
+        let (base, oauth_base) = (
+            format!("http://{}", authority(addr)),
+            format!("http://{}", authority(oauth_addr)),
+        );
         if cfg.domain.is_empty() {
-            cfg.domain = addr.to_string();
+            cfg.domain = authority(addr);
         }
         let state = State::new(
             cfg,
-            format!("http://{addr}/rest/"),
-            format!("http://{oauth_addr}/rest/"),
-            oauth_addr.to_string(),
+            format!("{base}/rest/"),
+            format!("{oauth_base}/rest/"),
+            authority(oauth_addr),
             Instant::now(),
         );
         let inner = Arc::new(Inner {
             addr,
             oauth_addr,
+            base,
+            oauth_base,
             state: Mutex::new(state),
             stop: CancellationToken::new(),
             http: Client::builder(TokioExecutor::new()).build_http(),
@@ -412,7 +440,7 @@ impl SimPortal {
 
     /// `http://127.0.0.1:PORT/rest/`, what an install hands out as `client_endpoint`.
     pub fn client_endpoint(&self) -> String {
-        format!("http://{}/rest/", self.inner.addr)
+        format!("{}/rest/", self.inner.base)
     }
 
     /// The OAuth server's address: another port, as oauth.bitrix.info is another host.
@@ -423,20 +451,23 @@ impl SimPortal {
     /// `http://127.0.0.1:OPORT/oauth/token/`, for `B24_OAUTH_URL`: the token URL a
     /// client derives from [`SimPortal::server_endpoint`] (its origin + `/oauth/token/`).
     pub fn oauth_url(&self) -> String {
-        format!("http://{}/oauth/token/", self.inner.oauth_addr)
+        format!("{}/oauth/token/", self.inner.oauth_base)
     }
 
     /// `http://127.0.0.1:OPORT/rest/`, the OAuth server's REST interface: what events
     /// carry as `auth[server_endpoint]` and installers get as `SERVER_ENDPOINT`.
     pub fn server_endpoint(&self) -> String {
-        format!("http://{}/rest/", self.inner.oauth_addr)
+        format!("{}/rest/", self.inner.oauth_base)
     }
 
     /// `127.0.0.1:OPORT`: the `domain` of the OAuth server's answers, which is its own
     /// and never the portal's (settings/oauth/index.md: "The domain of the
     /// authorization server").
     pub fn oauth_domain(&self) -> String {
-        self.inner.oauth_addr.to_string()
+        self.inner
+            .oauth_base
+            .trim_start_matches("http://")
+            .to_string()
     }
 
     pub fn member_id(&self) -> String {

@@ -128,6 +128,9 @@ pub async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
         .processing
         .with_label_values(&[known.label])
         .observe(started.elapsed().as_secs_f64());
+    if let (Some(at), "done") = (known.received_at, outcome) {
+        ctx.metrics.observe_end_to_end(known.label, at);
+    }
     ctx.metrics.in_flight.dec();
 }
 

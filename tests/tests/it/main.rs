@@ -12,6 +12,7 @@ mod ingress_portals;
 mod ingress_rejects;
 mod ingress_seeds;
 mod ingress_shutdown;
+mod k8s_manifests;
 mod metrics_coverage;
 mod sim_pipeline;
 mod trust;

@@ -134,6 +134,24 @@ async fn a_500_is_retried_and_then_succeeds() {
 }
 
 #[tokio::test]
+async fn query_limit_exceeded_backs_off_and_then_succeeds() {
+    let p = Pipeline::start("w-qle", 1, &[]).await;
+    p.install_seed_portal().await;
+    p.portal.fail_next(2, 503, "QUERY_LIMIT_EXCEEDED");
+    p.post("/events", &fixtures::requisite_add()).await;
+    assert!(p.wait_events("ONCRMREQUISITEADD", "done", 1, WITHIN).await);
+    let (_, attempts) = p.event_count_and_attempts("ONCRMREQUISITEADD").await;
+    assert_eq!(
+        attempts, 1,
+        "served within the first delivery, no delayed requeue"
+    );
+    let calls = p.calls_of("crm.requisite.get");
+    assert_eq!(calls.len(), 3, "two 503s, then success");
+    assert_eq!(calls[2].status, 200);
+    p.finish().await;
+}
+
+#[tokio::test]
 async fn persistent_500s_go_through_the_delay_queue_and_then_succeed() {
     // One attempt per delivery: the first delivery fails and waits in the 5 s queue.
     let p = Pipeline::start("w-delay", 1, &[("B24_RETRY_ATTEMPTS", "1")]).await;
