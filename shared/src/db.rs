@@ -48,7 +48,15 @@ pub fn pool(url: &Secret, max_size: usize) -> Result<Pool, DbError> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Ok(Pool::builder(manager).max_size(max_size).build()?)
+    Ok(Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        // A database that does not answer makes its caller fail and retry later; it never
+        // hangs a task (a worker's shutdown included).
+        .wait_timeout(Some(std::time::Duration::from_secs(30)))
+        .create_timeout(Some(std::time::Duration::from_secs(5)))
+        .recycle_timeout(Some(std::time::Duration::from_secs(5)))
+        .build()?)
 }
 
 /// Creates the database named in `url` if it does not exist, connecting to the

@@ -49,7 +49,12 @@ impl Reconciler {
             (d / 4).clamp(Duration::from_millis(200), Duration::from_secs(30))
         });
         loop {
-            let worked = self.round().await;
+            // A round waits on Bitrix24 and the database: it is abandoned at shutdown
+            // (its leases expire and its pending process_id is reused next time).
+            let worked = tokio::select! {
+                w = self.round() => w,
+                () = stop.cancelled() => return,
+            };
             let pause = if worked { Duration::ZERO } else { tick };
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
